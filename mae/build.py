@@ -1,0 +1,105 @@
+"""Build models from a config, and reopen a finished run's model (viz, export, transfer)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from mae.checkpoint import LAST, latest_checkpoint
+from mae.config import ConfigError
+
+
+def default_patch_size(name: str) -> int:
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else 16
+
+
+def model_overrides(cfg: DictConfig, for_mae: bool = True) -> dict:
+    """Registry overrides from the `model:` section; 0 means "the registry's default"."""
+    m = cfg.model
+    patch = m.patch_size or default_patch_size(m.name)
+    if m.img_size % patch:
+        raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch}")
+    if len(cfg.data.mean) != m.in_chans or len(cfg.data.std) != m.in_chans:
+        raise ConfigError(
+            f"data.mean/data.std have {len(cfg.data.mean)}/{len(cfg.data.std)} values but model.in_chans={m.in_chans}"
+        )
+    kw = {"img_size": m.img_size, "in_chans": m.in_chans, "attn_backend": m.attn_backend}
+    for k in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if m[k]:
+            kw[k] = m[k]
+    if for_mae:
+        kw["norm_pix_loss"] = m.norm_pix_loss
+        for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            if m[k]:
+                kw[k] = m[k]
+    if m.grad_checkpointing:
+        kw["grad_checkpointing"] = True
+    return kw
+
+
+def build_mae(cfg: DictConfig):
+    from mae.models import create_mae, list_models
+
+    name = cfg.model.name
+    if name not in list_models() or not name.startswith("mae_"):
+        known = ", ".join(n for n in list_models() if n.startswith("mae_"))
+        raise ConfigError(f"model.name={name!r} is not an MAE model; known: {known}")
+    return create_mae(name, **model_overrides(cfg))
+
+
+def vit_name(name: str) -> str:
+    """`mae_vit_base_patch16` -> `vit_base_patch16` (a pretraining recipe's encoder as a classifier)."""
+    return name[4:] if name.startswith("mae_") else name
+
+
+def build_vit(cfg: DictConfig, num_classes: int):
+    from mae.models import create_vit, list_models
+
+    name = vit_name(cfg.model.name)
+    if name not in list_models():
+        known = ", ".join(n for n in list_models() if n.startswith("vit_"))
+        raise ConfigError(f"model.name={cfg.model.name!r} is not a ViT; known: {known}")
+    kw = model_overrides(cfg, for_mae=False)
+    return create_vit(
+        name,
+        num_classes=num_classes,
+        global_pool=cfg.model.global_pool,
+        drop_path_rate=cfg.model.drop_path,
+        **kw,
+    )
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint dir, run dir) for a run directory or one of its checkpoint directories."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file() and (p.parent / "config.yaml").is_file():
+        return p, p.parent
+    if (p / "config.yaml").is_file():
+        last = p / LAST
+        ck = last.resolve() if last.exists() else latest_checkpoint(p)
+        if ck is None or not (ck / "model.safetensors").is_file():
+            raise ConfigError(f"{p} has no checkpoint yet")
+        return ck, p
+    raise ConfigError(f"{p} is neither a run directory (config.yaml) nor one of its checkpoints")
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    with open(run_dir / "config.yaml") as f:
+        data = yaml.safe_load(f)
+    data.pop("derived", None)
+    return OmegaConf.create(data)
+
+
+def load_run_model(path: str | Path):
+    """(MaskedAutoencoder in eval mode with the run's latest weights, the run's config)."""
+    from safetensors.torch import load_file
+
+    ck, run = resolve_checkpoint(path)
+    cfg = load_run_config(run)
+    model = build_mae(cfg)
+    model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=True)
+    return model.eval(), cfg

@@ -1,0 +1,214 @@
+"""Configuration: recipes/base.yaml (every key) <- recipes/NAME.yaml (a delta) <- CLI `key=value`.
+
+The schema is base.yaml itself: a key that base.yaml does not define is unknown, and a value must have
+the type of the default it replaces. Derived quantities (effective batch, lr, step counts) are computed in
+one place, `derive`, printed at start and saved with the resolved config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (one line; entry points exit with code 2)."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
+    """Return `value` coerced to the type of `default`, or raise ConfigError naming the key."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={value!r} is not {expected} (default: {default!r})")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise bad("a boolean (true/false)")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad("an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
+    if isinstance(default, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise bad("a list like [a, b]")
+        if default:
+            return [_check_type(f"{key}[{i}]", v, default[0], where) for i, v in enumerate(value)]
+        return value
+    return value
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _apply(flat: dict[str, Any], updates: dict[str, Any], base: dict[str, Any], where: str) -> None:
+    for key, value in updates.items():
+        if key not in base:
+            raise _unknown(key, sorted(base), where)
+        flat[key] = _check_type(key, value, base[key], where)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _load_yaml(path: Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split `recipe=NAME key=value ...` into the recipe name and typed (YAML-parsed) overrides."""
+    recipe, overrides = None, {}
+    for arg in argv:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"argument '{arg}' is not of the form key=value")
+        key, raw = arg.split("=", 1)
+        key = key.lstrip("-").strip()
+        if key == "recipe":
+            recipe = raw
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        overrides[key] = "" if value is None else value
+    return recipe, overrides
+
+
+def load_config(
+    argv: list[str] | None = None, default_recipe: str | None = None, task: str = "pretrain"
+) -> DictConfig:
+    """Merge base.yaml <- recipe <- CLI overrides into a read-only, attribute-accessible config."""
+    recipe, overrides = parse_overrides(list(argv or []))
+    recipe = recipe or default_recipe
+    base = _flatten(_load_yaml(RECIPES_DIR / "base.yaml"))
+    flat = dict(base)
+    if recipe:
+        path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
+            raise ConfigError(f"recipe '{recipe}' not found; available: {', '.join(names)}")
+        _apply(flat, _flatten(_load_yaml(path)), base, f"recipe {path.name}")
+    _apply(flat, overrides, base, "command line")
+    flat["recipe"] = recipe or ""
+    flat["task"] = task
+    if not flat["output_dir"]:
+        flat["output_dir"] = str(Path("runs") / (Path(recipe).stem if recipe else "default"))
+    cfg = OmegaConf.create(_unflatten(flat))
+    OmegaConf.set_readonly(cfg, True)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig, derived: Derived | None = None) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if derived is not None:
+        data = {**data, "derived": asdict(derived)}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed from the config and the launch; the single place they are defined."""
+
+    world_size: int
+    effective_batch: int  # images per optimizer step over all processes
+    lr: float  # absolute peak lr
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+    warmup_steps: int
+    epochs: float  # epochs the run will cover
+
+
+def derive(cfg: DictConfig, world_size: int, loader_steps_per_epoch: int) -> Derived:
+    """Effective batch, lr = blr * effective_batch / 256 (Goyal et al. scaling), and step counts."""
+    t = cfg.train
+    effective_batch = t.batch_size * t.grad_accum * world_size
+    lr = t.lr if t.lr > 0 else t.blr * effective_batch / 256
+    steps_per_epoch = loader_steps_per_epoch // t.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} x grad_accum={t.grad_accum} x {world_size} processes is larger "
+            f"than one epoch of data ({loader_steps_per_epoch} batches per process)"
+        )
+    total = t.max_steps if t.max_steps > 0 else int(math.ceil(t.epochs * steps_per_epoch))
+    warmup = min(int(round(t.warmup_epochs * steps_per_epoch)), total)
+    return Derived(
+        world_size=world_size,
+        effective_batch=effective_batch,
+        lr=lr,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=warmup,
+        epochs=total / steps_per_epoch,
+    )
+
+
+# Keys whose change makes an existing run directory belong to a different run.
+IDENTITY_KEYS = (
+    "model.name",
+    "model.img_size",
+    "model.patch_size",
+    "model.in_chans",
+    "model.decoder_embed_dim",
+    "model.decoder_depth",
+    "model.decoder_num_heads",
+    "model.global_pool",
+    "model.num_classes",
+)
+
+
+def check_compatible(cfg: DictConfig, existing_yaml: Path) -> None:
+    """Refuse to resume into an output_dir whose saved config describes a different model."""
+    old = _flatten(_load_yaml(existing_yaml))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    diffs = [k for k in IDENTITY_KEYS if k in old and old[k] != new.get(k)]
+    if old.get("task") and old.get("task") != new.get("task"):
+        diffs.insert(0, "task")
+    if diffs:
+        k = diffs[0]
+        raise ConfigError(
+            f"output_dir {existing_yaml.parent} holds another run ({k}={old.get(k)!r}, now {new.get(k)!r}); "
+            "choose a new output_dir or checkpoint.resume=false with an empty directory"
+        )

@@ -1,0 +1,473 @@
+"""The one training loop shared by pretraining, fine-tuning and linear probing.
+
+Entry points build a `Task` (model, parameter groups, data, loss, optional evaluation / monitor /
+checkpoint hooks); `train` does the rest: Accelerate (DDP over processes and nodes, bf16/fp16/fp32),
+gradient accumulation, warmup + cosine lr, clipping, logging to stdout / metrics.jsonl / wandb,
+atomic checkpoints with auto-resume, graceful stop on SIGUSR1/SIGTERM (with SLURM requeue), and a
+hard stop on a non-finite loss that never checkpoints the bad state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch import nn
+
+from mae import checkpoint as ckpt
+from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
+from mae.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, failed checkpoint write); exit code 1."""
+
+
+@dataclass
+class Task:
+    model: nn.Module  # unwrapped; the engine prepares it
+    groups: list[dict]  # optimizer parameter groups (mae.optim.param_groups)
+    loader: object  # mae.data.TrainLoader
+    # (prepared model, images, labels, step, micro_step) -> scalar loss
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+    evaluate: Callable[[nn.Module, int], dict] | None = None  # (unwrapped model, step) -> metrics (all ranks)
+    monitor: Callable[[nn.Module, int], dict] | None = None  # every `monitor_every` steps (all ranks)
+    monitor_every: int = 0
+    on_checkpoint: Callable[[nn.Module, Path, int], None] | None = None  # rank 0, after a commit
+    on_eval: Callable[[nn.Module, dict, int], None] | None = None  # after each evaluation (all ranks)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_precision(precision: str, on_cuda: bool) -> str:
+    """'auto' -> bf16 where the hardware runs it natively (recent GPUs; CPUs with avx512_bf16/AMX)."""
+    if precision == "auto":
+        if on_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and not on_cuda:
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision={precision!r}: expected auto, bf16, fp16 or fp32")
+    return precision
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
+        "1",
+        "true",
+    )
+    precision = resolve_precision(cfg.train.precision, on_cuda)
+    if cfg.log.wandb not in ("online", "offline", "disabled"):
+        raise ConfigError(f"log.wandb={cfg.log.wandb!r}: expected online, offline or disabled")
+    return Accelerator(
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        log_with="wandb" if cfg.log.wandb != "disabled" else None,
+        project_dir=cfg.output_dir,
+        cpu=not on_cuda,
+    )
+
+
+def prepare_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path | None:
+    """Validate the run directory and return the checkpoint to resume from (None = fresh start)."""
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    latest = ckpt.latest_checkpoint(out)
+    if saved.is_file():
+        check_compatible(cfg, saved)
+    if latest is not None and not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"output_dir {out} has checkpoints and checkpoint.resume=false; choose an empty output_dir"
+        )
+    accelerator.wait_for_everyone()
+    return latest if cfg.checkpoint.resume else None
+
+
+class _Stop:
+    """Signal flag: SIGUSR1 (time limit ahead: checkpoint, requeue) or SIGTERM (checkpoint, exit)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def request_requeue(max_requeues: int) -> str:
+    """Ask SLURM to requeue this job (rank 0 only), unless it has been requeued too often."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not under SLURM: no requeue"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeues:
+        return f"requeued {restarts} times already (checkpoint.max_requeues={max_requeues}): not requeueing"
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {job} failed: {e}"
+    if r.returncode != 0:
+        return f"scontrol requeue {job} failed: {r.stderr.strip()}"
+    return f"requeued SLURM job {job} (restart {restarts + 1} of at most {max_requeues})"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, accelerator: Accelerator, task: Task):
+        self.cfg, self.acc, self.task = cfg, accelerator, task
+        self.out = Path(cfg.output_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.raw_model = task.model
+        self.derived: Derived = derive(cfg, accelerator.num_processes, task.loader.steps_per_epoch)
+        self.step = 0
+        self.bad_samples = 0
+        self.stop = _Stop()
+        self._ctrl_group = None
+
+    def log(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            print(msg, flush=True)
+
+    # ---- state
+
+    def resume(self, path: Path) -> None:
+        model_state, train_state, rng = ckpt.load_train_state(path, self.acc.process_index)
+        self.raw_model.load_state_dict(model_state, strict=True)
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        if train_state.get("scaler") is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(train_state["scaler"])
+        self.step = int(train_state["step"])
+        self.bad_samples = int(train_state.get("bad_samples", 0))
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        if train_state.get("world_size") not in (None, self.acc.num_processes):
+            self.log(
+                f"warning: resuming a {train_state['world_size']}-process run on {self.acc.num_processes} "
+                "processes: the data order from here on differs from the original run"
+            )
+        if self.acc.is_main_process:
+            dropped = ckpt.truncate_metrics(self.metrics_path, self.step)
+            if dropped:
+                self.log(f"dropped {dropped} metrics rows logged after step {self.step} (work since lost)")
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        """All ranks: write an atomic checkpoint of the current step."""
+        self._check_finite()
+        tmp = ckpt.tmp_dir(self.out, self.step)
+        err = None
+        try:
+            if self.acc.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            self.acc.wait_for_everyone()
+            ckpt.write_rank_files(tmp, self.acc.process_index)
+            if self.acc.is_main_process:
+                train_state = {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                    "step": self.step,
+                    "epoch": self.step // self.derived.steps_per_epoch,
+                    "bad_samples": self.bad_samples,
+                    "world_size": self.acc.num_processes,
+                }
+                meta = {"step": self.step, "epoch": train_state["epoch"], "task": self.cfg.task}
+                ckpt.write_main_files(tmp, self.raw_model.state_dict(), train_state, meta)
+            self.acc.wait_for_everyone()
+            final = tmp.with_name(tmp.name[: -len(".tmp")])
+            if self.acc.is_main_process:
+                final = ckpt.commit(tmp, self.cfg.checkpoint.keep)
+        except OSError as e:
+            err = e
+        if err is not None:
+            raise TrainingError(
+                f"checkpoint write at step {self.step} failed ({err}); the previous checkpoint is intact"
+            )
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process and self.task.on_checkpoint is not None:
+            self.task.on_checkpoint(self.raw_model, final, self.step)
+        return final
+
+    # ---- checks
+
+    def _check_finite(self) -> None:
+        bad = (
+            int(self.acc.reduce(self.first_bad.clone(), reduction="max").item())
+            if self.acc.num_processes > 1
+            else int(self.first_bad.item())
+        )
+        if bad >= 0:
+            raise TrainingError(
+                f"non-finite loss at step {bad}; stopping without checkpointing this state "
+                "(the last good checkpoint is kept). Try a lower lr, train.clip_grad, or fp32."
+            )
+
+    def _should_stop(self) -> int:
+        """The signal all ranks agree on (0 = none), exchanged on a CPU gloo group (no device sync)."""
+        if self.acc.num_processes == 1:
+            return self.stop.signum
+        if self._ctrl_group is None:
+            self._ctrl_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([self.stop.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_group)
+        return int(flag.item())
+
+    # ---- logging
+
+    def write_row(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.cfg.log.wandb != "disabled":
+            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+    def _init_trackers(self) -> None:
+        if self.cfg.log.wandb == "disabled":
+            return
+        id_file = self.out / "wandb_id"
+        if self.acc.is_main_process and not id_file.is_file():
+            import wandb
+
+            id_file.write_text(wandb.util.generate_id())
+        self.acc.wait_for_everyone()
+        self.acc.init_trackers(
+            self.cfg.log.wandb_project,
+            config={**_plain(self.cfg), "derived": asdict(self.derived)},
+            init_kwargs={
+                "wandb": {
+                    "id": id_file.read_text().strip(),
+                    "resume": "allow",
+                    "dir": str(self.out),
+                    "mode": self.cfg.log.wandb,
+                    "name": self.out.name,
+                }
+            },
+        )
+
+    # ---- main
+
+    def run(self) -> int:
+        cfg, acc, d = self.cfg, self.acc, self.derived
+        self.optimizer = build_optimizer(self.task.groups, cfg.train.optimizer, d.lr, cfg.train.betas)
+        resume_from = prepare_output_dir(cfg, acc)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for p in ckpt.remove_partial(self.out):
+                self.log(f"removed incomplete checkpoint {p.name} (interrupted write)")
+            (self.out / "config.yaml").write_text(to_yaml(cfg, d))
+        acc.wait_for_everyone()
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=acc.device)
+        if resume_from is not None:
+            self.resume(resume_from)
+        self.log(
+            f"{cfg.task}: {acc.num_processes} process(es) on {acc.device.type}, precision {acc.mixed_precision}; "
+            f"effective batch {d.effective_batch} = {cfg.train.batch_size} x {cfg.train.grad_accum} accum x "
+            f"{d.world_size}; lr {d.lr:.3g} (blr {cfg.train.blr:g} x {d.effective_batch}/256"
+            f"{', overridden by train.lr' if cfg.train.lr > 0 else ''}); {d.steps_per_epoch} steps/epoch, "
+            f"{d.total_steps} steps ({d.epochs:.2f} epochs), {d.warmup_steps} warmup"
+        )
+        if self.step >= d.total_steps:
+            self.log(f"already complete at step {self.step}; outputs in {self.out}")
+            return 0
+
+        model = torch.compile(self.raw_model) if cfg.train.compile else self.raw_model
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self._init_trackers()
+        self.stop.install()
+        try:
+            return self._loop()
+        finally:
+            self.stop.restore()
+            acc.end_training()
+
+    def _loop(self) -> int:
+        cfg, acc, d, task = self.cfg, self.acc, self.derived, self.task
+        ga, spe = cfg.train.grad_accum, d.steps_per_epoch
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        loss_sum = torch.zeros((), device=acc.device)
+        window_t, window_steps, start_t, start_step = time.time(), 0, time.time(), self.step
+        progress = _progress(cfg, acc, d.total_steps, self.step)
+        self.model.train()
+        while self.step < d.total_steps:
+            epoch = self.step // spe
+            batches = task.loader.iterate(epoch, start_step=(self.step % spe) * ga)
+            micro, yielded = 0, 0
+            for images, labels, n_bad in batches:
+                yielded += 1
+                self.bad_samples += int(n_bad)
+                images = images.to(acc.device, non_blocking=True)
+                labels = labels.to(acc.device, non_blocking=True)
+                last_micro = micro == ga - 1
+                ctx = acc.no_sync(self.model) if (not last_micro and acc.num_processes > 1) else _null()
+                with ctx:
+                    loss = task.loss_fn(self.model, images, labels, self.step, micro)
+                    acc.backward(loss / ga)
+                loss = loss.detach().float()
+                loss_sum += loss
+                self.first_bad = torch.where(
+                    (self.first_bad < 0) & ~torch.isfinite(loss), self.step + 1, self.first_bad
+                )
+                micro += 1
+                if not last_micro:
+                    continue
+                micro = 0
+                set_lr(
+                    self.optimizer, lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr)
+                )
+                if cfg.train.clip_grad > 0:
+                    acc.clip_grad_norm_(params, cfg.train.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window_steps += 1
+                if progress is not None:
+                    progress.update(1)
+                end_of_epoch = self.step % spe == 0
+                final = self.step == d.total_steps
+                monitor_due = (
+                    task.monitor is not None
+                    and task.monitor_every > 0
+                    and self.step % task.monitor_every == 0
+                )
+                eval_due = task.evaluate is not None and (
+                    final or (end_of_epoch and (self.step // spe) % cfg.train.eval_every == 0)
+                )
+                row = {}
+                if self.step % cfg.log.every_steps == 0 or final or monitor_due or eval_due:
+                    self._check_finite()
+                    now = time.time()
+                    n = max(window_steps * ga * acc.num_processes, 1)
+                    mean_loss = acc.reduce(loss_sum, reduction="sum").item() / n
+                    rate = window_steps * d.effective_batch / max(now - window_t, 1e-9)
+                    eta = (now - start_t) / max(self.step - start_step, 1) * (d.total_steps - self.step)
+                    row = {
+                        "step": self.step,
+                        "epoch": round(self.step / spe, 4),
+                        "loss": mean_loss,
+                        "lr": self.optimizer.param_groups[0]["lr"]
+                        / self.optimizer.param_groups[0].get("lr_scale", 1.0),
+                        "img_per_s": round(rate, 2),
+                        "bad_samples": self.bad_samples,
+                        "peak_mem_gb": round(_peak_mem_gb(acc.device), 3),
+                    }
+                    self.log(
+                        f"step {self.step}/{d.total_steps} epoch {row['epoch']:.2f} loss {mean_loss:.4f} "
+                        f"lr {row['lr']:.3g} {rate:.1f} img/s ETA {_fmt_time(eta)} peak {row['peak_mem_gb']:.2f} GB"
+                        + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
+                    )
+                    loss_sum.zero_()
+                    window_t, window_steps = now, 0
+                if monitor_due:
+                    row.update(task.monitor(self.raw_model, self.step))
+                    self.model.train()
+                if eval_due:
+                    metrics = task.evaluate(self.raw_model, self.step)
+                    self.model.train()
+                    row.update(metrics)
+                    self.log(
+                        f"eval at step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                    )
+                    if task.on_eval is not None:
+                        task.on_eval(self.raw_model, metrics, self.step)
+                if row:
+                    self.write_row(row)
+                signum = self._should_stop()
+                if final or signum or self.step % cfg.checkpoint.every_steps == 0:
+                    path = self.save()
+                    self.log(f"checkpoint {path}")
+                if signum:
+                    name = signal.Signals(signum).name
+                    self.log(f"{name} received: checkpointed step {self.step}, exiting")
+                    if signum == signal.SIGUSR1 and acc.is_main_process:
+                        self.log(request_requeue(cfg.checkpoint.max_requeues))
+                    return 0
+                if final or end_of_epoch:
+                    break
+            else:
+                if yielded < ga:
+                    raise TrainingError(
+                        f"the training data yielded no full step in epoch {epoch} (step {self.step})"
+                    )
+                self.log(f"warning: the data of epoch {epoch} ran out at step {self.step}; continuing")
+        if progress is not None:
+            progress.close()
+        self.log(f"done: {self.step} steps; outputs in {self.out}")
+        return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _plain(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _progress(cfg: DictConfig, acc: Accelerator, total: int, initial: int):
+    show = cfg.log.progress
+    if not acc.is_main_process or show == "false" or show is False:
+        return None
+    if show == "auto" and not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+
+def train(cfg: DictConfig, accelerator: Accelerator, task: Task) -> int:
+    return Trainer(cfg, accelerator, task).run()
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed python/numpy/torch per process (data workers derive their own from the data seed)."""
+    set_seed(seed + rank)

@@ -1,0 +1,92 @@
+"""Evaluation shared by the entry points: classifier top-k accuracy and the k-NN feature monitor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def classifier_accuracy(
+    model: nn.Module, loader: Iterable, device: torch.device, autocast: Callable, reduce: Callable
+) -> dict:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over every sample of `loader`.
+
+    `reduce(tensor)` sums over processes, so each rank may hold a disjoint part of the data.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
+    for images, labels, _ in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices  # (N, k)
+        hit = topk.eq(labels[:, None])
+        totals += torch.stack(
+            [
+                hit[:, 0].sum().double(),
+                hit.any(dim=1).sum().double(),
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            ]
+        )
+    totals = reduce(totals)
+    n = max(totals[3].item(), 1.0)
+    return {
+        "top1": 100.0 * totals[0].item() / n,
+        "top5": 100.0 * totals[1].item() / n,
+        "val_loss": totals[2].item() / n,
+    }
+
+
+@torch.no_grad()
+def extract_features(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    device: torch.device,
+    autocast: Callable,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features (N, D) and labels (N,) of every sample of `loader`."""
+    feats, labels = [], []
+    for images, y, _ in loader:
+        with autocast():
+            f = features(images.to(device))
+        feats.append(F.normalize(f.float(), dim=1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_top1(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Weighted k-NN top-1 (percent) with cosine similarity, votes weighted by exp(sim / T) (DINO)."""
+    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    k = min(k, train_f.shape[0])
+    correct = 0
+    for i in range(0, test_f.shape[0], chunk):
+        sim = test_f[i : i + chunk] @ train_f.T  # (n, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (n, k)
+        votes = torch.zeros(sim.shape[0], num_classes)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(dim=1) == test_y[i : i + chunk]).sum().item()
+    return 100.0 * correct / max(test_f.shape[0], 1)
+
+
+def mean_patch_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Encoder features for k-NN: the average of the patch tokens (cls excluded), all patches visible."""
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(images)[:, 1:].mean(dim=1)
+
+    return fn

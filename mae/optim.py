@@ -1,0 +1,79 @@
+"""Optimizers and schedules: parameter groups, layer-wise lr decay, AdamW / LARS, warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# Never decayed: the reference excludes every 1-d parameter (biases, norms) and the learned tokens.
+NO_DECAY_NAMES = {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token"}
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    layer_id: Callable[[str], int] | None = None,
+    num_layers: int = 0,
+) -> list[dict]:
+    """Split trainable parameters into decay / no-decay groups, each with an `lr_scale`.
+
+    With `layer_decay` < 1 (BEiT-style fine-tuning), the parameters of layer i get
+    lr_scale = layer_decay ** (num_layers - i), where `layer_id(name)` is 0 for the embeddings,
+    i + 1 for block i and num_layers for the head and final norms.
+    """
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name in NO_DECAY_NAMES
+        lid = layer_id(name) if (layer_id is not None and layer_decay != 1.0) else num_layers
+        key = (lid, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (num_layers - lid) if layer_decay != 1.0 else 1.0,
+                "no_decay": no_decay,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(groups: list[dict], name: str, lr: float, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW (fused kernel when every parameter lives on one supported device) or LARS."""
+    torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if name == "adamw":
+        devices = {p.device.type for g in torch_groups for p in g["params"]}
+        fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
+        try:
+            return torch.optim.AdamW(torch_groups, lr=lr, betas=tuple(betas), fused=fused)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(torch_groups, lr=lr, betas=tuple(betas), foreach=True)
+    if name == "lars":
+        from timm.optim import Lars
+
+        # As the reference LARS: trust-ratio adaptation on matrices only, never on biases / norms.
+        for g in torch_groups:
+            g["always_adapt"] = not g["no_decay"]
+        return Lars(torch_groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+    raise ValueError(f"train.optimizer={name!r}: expected adamw or lars")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak_lr`, then half-cosine down to `min_lr`; a pure function of the step."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)

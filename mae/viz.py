@@ -1,0 +1,136 @@
+"""Reconstruction figures: original | masked | reconstruction | reconstruction + visible, one row per image.
+
+mae-viz runs/demo IMAGE [IMAGE ...] --out recon.png      # any run dir or checkpoint, any images
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+@torch.no_grad()
+def reconstruct(
+    model: nn.Module, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four panels (each (N, C, H, W), in the normalised input space).
+
+    With norm_pix_loss the model predicts per-patch normalised pixels; they are mapped back with each
+    patch's own mean and variance so the picture is comparable to the input.
+    """
+    was_training = model.training
+    model.eval()
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)  # pred (N, L, p*p*C), mask (N, L)
+    model.train(was_training)
+    pred = pred.float()
+    if getattr(model, "norm_pix_loss", False):
+        target = model.patchify(imgs)
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    recon = model.unpatchify(pred)
+    m = model.unpatchify(mask.float().unsqueeze(-1).expand_as(pred))  # 1 = removed
+    masked = imgs * (1 - m)
+    pasted = imgs * (1 - m) + recon * m
+    return imgs, masked, recon, pasted
+
+
+def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
+    """(C, H, W) normalised -> (H, W, 3) uint8."""
+    c = x.shape[0]
+    mean = torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(c, 1, 1)
+    img = (x.float().cpu() * std + mean).clamp(0, 1)
+    img = img[:3] if c >= 3 else img[:1].expand(3, -1, -1)
+    return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def figure(panels, mean, std, min_size: int = 112) -> Image.Image:
+    """Lay out the panels of `reconstruct` as a grid with a header row."""
+    n, _, h, w = panels[0].shape
+    scale = max(1, -(-min_size // max(h, w)))
+    ph, pw, pad, head = h * scale, w * scale, 4, 14
+    canvas = Image.new("RGB", (len(panels) * (pw + pad) + pad, head + n * (ph + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for j, title in enumerate(COLUMNS[: len(panels)]):
+        draw.text((pad + j * (pw + pad), 1), title, fill="black", font=font)
+    for i in range(n):
+        for j, p in enumerate(panels):
+            tile = Image.fromarray(_to_uint8(p[i], mean, std)).resize((pw, ph), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (pw + pad), head + pad + i * (ph + pad)))
+    return canvas
+
+
+def save_reconstructions(
+    model: nn.Module, imgs: torch.Tensor, path: str | Path, mean, std, mask_ratio: float = 0.75, seed: int = 0
+) -> Path:
+    """Write the reconstruction PNG for `imgs` with a fixed masking seed (comparable across checkpoints)."""
+    device = next(model.parameters()).device
+    imgs = imgs.to(device)
+    g = torch.Generator().manual_seed(seed)
+    num_patches = model.patch_embed.num_patches
+    noise = torch.rand(imgs.shape[0], num_patches, generator=g).to(device)
+    panels = reconstruct(model, imgs, mask_ratio, noise)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    figure(panels, mean, std).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_images(paths: list[str], img_size: int, in_chans: int, mean, std) -> torch.Tensor:
+    """Read image files for the figure: convert to the model's channels, resize + centre crop, normalise."""
+    from mae.data import eval_transform, to_channels
+
+    tf = eval_transform(img_size, mean, std, crop_pct=1.0)
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(tf(to_channels(im, in_chans)))
+    return torch.stack(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mae-viz", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="a pretraining run directory or one of its checkpoint directories")
+    ap.add_argument("images", nargs="+", help="image files (any size; RGB or grayscale)")
+    ap.add_argument("--out", default="reconstruction.png", help="output PNG (default: %(default)s)")
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--seed", type=int, default=0, help="masking seed")
+    args = ap.parse_args(argv)
+
+    from mae.build import load_run_model
+    from mae.config import ConfigError
+
+    try:
+        model, cfg = load_run_model(args.checkpoint)
+        missing = [p for p in args.images if not Path(p).is_file()]
+        if missing:
+            raise ConfigError(f"image not found: {missing[0]}")
+        imgs = load_images(args.images, cfg.model.img_size, cfg.model.in_chans, cfg.data.mean, cfg.data.std)
+    except (ConfigError, OSError) as e:
+        print(f"mae-viz: error: {e}", file=sys.stderr)
+        return 2
+    path = save_reconstructions(
+        model, imgs, args.out, cfg.data.mean, cfg.data.std, args.mask_ratio, args.seed
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,89 @@
+import pytest
+import yaml
+
+from mae.config import RECIPES_DIR, ConfigError, derive, load_config
+
+
+def test_merge_order_base_recipe_cli():
+    base = load_config([])
+    assert base.train.blr == pytest.approx(1.5e-4) and base.model.in_chans == 3
+    demo = load_config(["recipe=demo"])
+    assert demo.model.in_chans == 1 and demo.data.train == "fashion-mnist"
+    assert demo.train.weight_decay == base.train.weight_decay  # untouched keys come from base.yaml
+    cli = load_config(["recipe=demo", "model.in_chans=3", "train.betas=[0.8,0.9]", "data.mean=[0.5,0.5,0.5]"])
+    assert cli.model.in_chans == 3 and list(cli.train.betas) == [0.8, 0.9]
+    assert cli.output_dir == "runs/demo"
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.bach_size'.*train.batch_size"):
+        load_config(["train.bach_size=4"])
+    with pytest.raises(ConfigError, match="unknown key 'nonsense'"):
+        load_config(["nonsense=1"])
+
+
+@pytest.mark.parametrize(
+    "arg,key",
+    [
+        ("train.batch_size=abc", "train.batch_size"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("train.compile=3", "train.compile"),
+        ("train.betas=0.9", "train.betas"),
+        ("train.blr=fast", "train.blr"),
+    ],
+)
+def test_wrong_type_is_rejected(arg, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config([arg])
+
+
+def test_ints_are_accepted_for_floats_and_argument_shape_checked():
+    assert load_config(["train.blr=1"]).train.blr == 1.0
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["train.blr"])
+    with pytest.raises(ConfigError, match="recipe 'nope' not found"):
+        load_config(["recipe=nope"])
+
+
+def test_every_recipe_is_a_valid_delta_of_base():
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        if path.stem != "base":
+            cfg = load_config([f"recipe={path.stem}"])
+            assert cfg.recipe == path.stem
+
+
+def test_base_yaml_comments_every_key():
+    lines = (RECIPES_DIR / "base.yaml").read_text().splitlines()
+    for line in lines:
+        s = line.strip()
+        if s and not s.startswith("#") and not s.endswith(":"):
+            assert "#" in s, f"base.yaml key without a comment: {s}"
+
+
+def test_derive_lr_and_steps():
+    cfg = load_config(
+        ["train.batch_size=64", "train.grad_accum=2", "train.epochs=3", "train.warmup_epochs=1"]
+    )
+    d = derive(cfg, world_size=4, loader_steps_per_epoch=100)
+    assert d.effective_batch == 512
+    assert d.lr == pytest.approx(1.5e-4 * 512 / 256)
+    assert d.steps_per_epoch == 50 and d.total_steps == 150 and d.warmup_steps == 50
+    assert derive(load_config(["train.max_steps=7"]), 1, 10).total_steps == 7
+    with pytest.raises(ConfigError, match="larger than one epoch"):
+        derive(load_config(["train.grad_accum=4"]), 1, 3)
+
+
+def test_reference_recipes_match_the_paper():
+    for name in ("vit_base", "vit_large", "vit_huge"):
+        cfg = load_config([f"recipe={name}"])
+        raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+        assert (
+            raw["train"]["batch_size"]
+            * raw["train"]["grad_accum"]
+            * {"vit_base": 32, "vit_large": 64, "vit_huge": 128}[name]
+            == 4096
+        )
+        assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss
+        assert cfg.train.blr == pytest.approx(1.5e-4) and cfg.train.weight_decay == 0.05
+        assert list(cfg.train.betas) == [0.9, 0.95]
+        assert cfg.train.epochs == 800 and cfg.train.warmup_epochs == 40 and cfg.data.scale_min == 0.2
