@@ -166,6 +166,11 @@ class Trainer:
         self.bad_samples = 0
         self.stop = _Stop()
         self._ctrl_group = None
+        # Fault injection for the reliability tests (read at run time, never at import):
+        # MAE_FAULT_NAN_STEP=k makes the loss of step k non-finite; MAE_FAULT_CKPT_DELAY=s sleeps s
+        # seconds inside every checkpoint write, so that a kill can land in the middle of one.
+        self.fault_nan_step = int(os.environ.get("MAE_FAULT_NAN_STEP", "0") or 0)
+        self.fault_ckpt_delay = float(os.environ.get("MAE_FAULT_CKPT_DELAY", "0") or 0)
 
     def log(self, msg: str) -> None:
         if self.acc.is_main_process:
@@ -206,6 +211,8 @@ class Trainer:
                 tmp.mkdir(parents=True)
             self.acc.wait_for_everyone()
             ckpt.write_rank_files(tmp, self.acc.process_index)
+            if self.fault_ckpt_delay:
+                time.sleep(self.fault_ckpt_delay)
             if self.acc.is_main_process:
                 train_state = {
                     "optimizer": self.optimizer.state_dict(),
@@ -345,6 +352,8 @@ class Trainer:
                 ctx = acc.no_sync(self.model) if (not last_micro and acc.num_processes > 1) else _null()
                 with ctx:
                     loss = task.loss_fn(self.model, images, labels, self.step, micro)
+                    if self.fault_nan_step == self.step + 1:
+                        loss = loss * float("nan")
                     acc.backward(loss / ga)
                 loss = loss.detach().float()
                 loss_sum += loss
