@@ -1,0 +1,211 @@
+"""Inspect and verify webdataset shards: every member decoded, counts checked against the manifest.
+
+    python -m data_tools.verify_shards OUTPUT_DIR [--workers N] [--json REPORT.json]
+
+Reports missing or extra shards, samples per shard against the manifest, corrupt / truncated members and
+samples without an image or with a bad label (by shard and key), unfinished builds (.partial files), the
+label histogram, an image-size histogram and the per-channel mean/std. Exit code 1 when anything is wrong,
+2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections import Counter
+
+import numpy as np
+from webdataset.tariterators import base_plus_ext
+
+from mae.data import IMAGE_EXTS, MANIFEST, ImageDecodeError, convert_image, decode_image, read_manifest
+
+SIZE_BINS = (32, 64, 128, 256, 384, 512, 768, 1024, 2048)
+
+
+def _size_bin(w: int, h: int) -> str:
+    """Shorter side, binned: '<=32', '<=64', ..., '>2048'."""
+    s = min(w, h)
+    return next((f"<={b}" for b in SIZE_BINS if s <= b), f">{SIZE_BINS[-1]}")
+
+
+def check_shard(path: str) -> dict:
+    """Decode every sample of one shard. Returns counts, problems [(key, reason)], histograms, pixel sums."""
+    out = {"name": os.path.basename(path), "samples": 0, "problems": [], "labels": Counter(), "sizes": Counter(),
+           "modes": Counter(), "n_pix": 0, "sum": np.zeros(3), "sumsq": np.zeros(3), "gray": True}  # fmt: skip
+    samples, order, reading = {}, [], None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = base_plus_ext(m.name)
+                if key is None:
+                    out["problems"].append((m.name, "member name has no extension"))
+                    continue
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                reading = m.name
+                samples[key][ext.lower()] = tf.extractfile(m).read()
+                reading = None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if reading is not None:  # that sample is cut short: report it, do not count it
+            key = order.pop()
+            samples.pop(key)
+            out["problems"].append((key, f"truncated member {reading}: {e}"))
+        else:
+            where = f"after key {order[-1]}" if order else "at the start"
+            out["problems"].append(("(tar)", f"truncated or corrupt tar {where}: {e}"))
+    for key in order:
+        _check_sample(key, samples[key], out)
+    return out
+
+
+def _check_sample(key: str, sample: dict, out: dict) -> None:
+    out["samples"] += 1
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        out["problems"].append((key, f"no image member (members: {', '.join(sorted(sample))})"))
+        return
+    if "cls" in sample:
+        try:
+            out["labels"][int(sample["cls"])] += 1
+        except ValueError:
+            out["problems"].append((key, f"label is not an integer: {sample['cls'][:20]!r}"))
+    try:
+        img = decode_image(sample[ext])
+    except ImageDecodeError as e:
+        out["problems"].append((key, f"{ext}: {e}"))
+        return
+    out["sizes"][_size_bin(*img.size)] += 1
+    out["modes"][img.mode] += 1
+    gray = img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;")
+    out["gray"] &= gray
+    a = (
+        np.asarray(convert_image(img, 1 if gray else 3), dtype=np.float64).reshape(-1, 1 if gray else 3)
+        / 255.0
+    )
+    out["n_pix"] += len(a)
+    out["sum"] += a.sum(0)
+    out["sumsq"] += (a**2).sum(0)
+
+
+def verify(directory: str, workers: int) -> dict:
+    """Everything verify_shards reports, as a dict; `errors` lists what is wrong."""
+    errors, manifest = [], read_manifest(directory)
+    present = sorted(f for f in os.listdir(directory) if f.endswith(".tar"))
+    partial = sorted(f for f in os.listdir(directory) if f.endswith(".partial"))
+    errors += [
+        f"{f}: unfinished shard (the build was interrupted; re-run make_shards to finish)" for f in partial
+    ]
+    if manifest is None:
+        errors.append(f"no manifest ({MANIFEST}) in {directory}: counts cannot be checked")
+        expected = {f: None for f in present}
+    else:
+        expected = {s["name"]: s.get("samples") for s in manifest["shards"]}
+        errors += [f"{n}: listed in the manifest but missing" for n in expected if n not in present]
+        errors += [f"{n}: not listed in the manifest" for n in present if n not in expected]
+    paths = [os.path.join(directory, n) for n in expected if n in present]
+    if workers > 1 and len(paths) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(check_shard, paths)
+    else:
+        results = [check_shard(p) for p in paths]
+    labels, sizes, modes, n_pix, s, ss, gray = (
+        Counter(),
+        Counter(),
+        Counter(),
+        0,
+        np.zeros(3),
+        np.zeros(3),
+        True,
+    )
+    for r in results:
+        want = expected[r["name"]]
+        if want is not None and want != r["samples"]:
+            errors.append(f"{r['name']}: {r['samples']} samples, manifest says {want}")
+        errors += [f"{r['name']}: {key}: {why}" for key, why in r["problems"]]
+        labels.update(r["labels"])
+        sizes.update(r["sizes"])
+        modes.update(r["modes"])
+        n_pix, s, ss, gray = n_pix + r["n_pix"], s + r["sum"], ss + r["sumsq"], gray and r["gray"]
+    if manifest is not None:
+        total = sum(r["samples"] for r in results)
+        if (
+            manifest.get("total") is not None
+            and total != manifest["total"]
+            and not any("missing" in e for e in errors)
+        ):
+            errors.append(f"{total} samples in the shards, manifest total says {manifest['total']}")
+        num_classes = manifest.get("num_classes") or 0
+        bad = [y for y in labels if num_classes and not 0 <= y < num_classes]
+        if bad:
+            errors.append(f"labels outside [0, {num_classes}): {sorted(bad)[:10]}")
+    c = 1 if gray else 3
+    mean = (s[:c] / max(n_pix, 1)).tolist()
+    std = np.sqrt(np.maximum(ss[:c] / max(n_pix, 1) - np.array(mean) ** 2, 0)).tolist()
+    return {"directory": directory, "shards": len(results), "samples": sum(r["samples"] for r in results),
+            "labels": dict(sorted(labels.items())), "sizes": dict(sizes), "modes": dict(modes), "mean": mean,
+            "std": std, "classes": (manifest or {}).get("classes"), "errors": errors}  # fmt: skip
+
+
+def print_report(rep: dict) -> None:
+    print(f"{rep['directory']}: {rep['samples']} samples in {rep['shards']} shards")
+    if rep["labels"]:
+        names = rep["classes"] or []
+        print(
+            "labels:  "
+            + "  ".join(f"{names[y] if y < len(names) else y}={n}" for y, n in rep["labels"].items())
+        )
+    else:
+        print("labels:  none (unlabelled)")
+    print("shorter side:  " + "  ".join(f"{b}: {rep['sizes'][b]}" for b in _bin_order(rep["sizes"])))
+    print("modes:  " + "  ".join(f"{m}={n}" for m, n in sorted(rep["modes"].items())))
+    print(
+        "mean:  "
+        + ", ".join(f"{v:.4f}" for v in rep["mean"])
+        + "   std:  "
+        + ", ".join(f"{v:.4f}" for v in rep["std"])
+    )
+    for e in rep["errors"][:200]:
+        print(f"ERROR {e}")
+    if len(rep["errors"]) > 200:
+        print(f"... and {len(rep['errors']) - 200} more errors")
+    print(f"{len(rep['errors'])} problems found" if rep["errors"] else "OK")
+
+
+def _bin_order(sizes: dict) -> list[str]:
+    keys = [f"<={b}" for b in SIZE_BINS] + [f">{SIZE_BINS[-1]}"]
+    return [k for k in keys if k in sizes]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="verify_shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("directory", help="a directory written by make_shards (or any directory of .tar shards)")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="parallel processes")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.directory):
+        print(f"verify_shards: error: {args.directory!r} is not a directory", file=sys.stderr)
+        return 2
+    if not any(f.endswith((".tar", ".partial", ".json")) for f in os.listdir(args.directory)):
+        print(f"verify_shards: error: {args.directory!r} holds no shards and no manifest", file=sys.stderr)
+        return 2
+    rep = verify(args.directory, args.workers)
+    print_report(rep)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=1)
+    return 1 if rep["errors"] else 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,27 @@
+"""Data: webdataset shards, image folders, Fashion-MNIST and a synthetic set behind one loader interface."""
+
+from .images import IMAGE_EXTS, ImageDecodeError, convert_image, decode_image
+from .loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from .shards import MANIFEST, read_manifest, resolve_shards
+from .sources import FMNIST_CLASSES, DataError, read_fashion_mnist, scan_folder
+from .transforms import build_transform, eval_transform
+
+__all__ = [
+    "DataError",
+    "EvalLoader",
+    "FMNIST_CLASSES",
+    "IMAGE_EXTS",
+    "ImageDecodeError",
+    "MANIFEST",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "build_transform",
+    "convert_image",
+    "decode_image",
+    "eval_transform",
+    "read_fashion_mnist",
+    "read_manifest",
+    "resolve_shards",
+    "scan_folder",
+]

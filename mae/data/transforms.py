@@ -1,0 +1,131 @@
+"""Train / eval transforms (torchvision + timm) and per-sample seeding of their randomness."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+from .sources import DataError
+
+log = logging.getLogger("mae.data")
+AUGMENTS = ("mae", "finetune", "linprobe", "none")
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def norm_stats(cfg, in_chans: int) -> tuple[list[float], list[float]]:
+    """data.mean/std with one value per channel; one value is broadcast, and 3 values for 1-channel images
+    are averaged (the grey level of the ImageNet statistics)."""
+    mean, std = [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    for key, vals in (("data.mean", mean), ("data.std", std)):
+        if len(vals) not in (1, in_chans) and not (in_chans == 1 and len(vals) == 3):
+            raise DataError(
+                f"{key} has {len(vals)} values but model.in_chans={in_chans}; give one per channel"
+            )
+    if in_chans == 1 and len(mean) == 3:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    if len(mean) == 1:
+        mean = mean * in_chans
+    if len(std) == 1:
+        std = std * in_chans
+    if min(std) <= 0:
+        raise DataError(f"data.std must be positive, got {std}")
+    return mean, std
+
+
+def build_transform(cfg, augment: str, img_size: int, in_chans: int):
+    """PIL image (in_chans channels) -> float32 tensor (C, img_size, img_size), normalized.
+
+    mae:      RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference pretraining.
+    finetune: timm's create_transform (RandAugment, random erasing) for RGB; grayscale goes through RGB for
+              RandAugment and back; RGBA gets crop + flip + erasing (RandAugment's ops are defined for RGB).
+    linprobe: RandomResizedCrop(default scale, bicubic) + flip, as the reference linear probe.
+    none:     the eval transform: resize to img_size / crop_pct, center crop.
+    """
+    if augment not in AUGMENTS:
+        raise DataError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    mean, std = norm_stats(cfg, in_chans)
+    flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    if augment == "mae":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC),
+                *flip,
+                *tail,
+            ]
+        )
+    if augment == "linprobe":
+        return T.Compose([T.RandomResizedCrop(img_size, interpolation=BICUBIC), *flip, *tail])
+    if augment == "finetune":
+        return _finetune_transform(cfg, img_size, in_chans, mean, std)
+    return eval_transform(cfg, img_size, in_chans)
+
+
+def eval_transform(cfg, img_size: int, in_chans: int):
+    mean, std = norm_stats(cfg, in_chans)
+    resize = int(img_size / float(cfg.crop_pct))
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def _finetune_transform(cfg, img_size: int, in_chans: int, mean, std):
+    from timm.data import create_transform
+    from timm.data.random_erasing import RandomErasing
+
+    aa = str(cfg.auto_augment or "") or None
+    if in_chans == 3:
+        return create_transform(
+            img_size, is_training=True, color_jitter=None, auto_augment=aa, interpolation="bicubic",
+            re_prob=float(cfg.reprob), re_mode="pixel", re_count=1, mean=mean, std=std, hflip=0.5 if cfg.hflip else 0.0,
+        )  # fmt: skip
+    steps = [T.RandomResizedCrop(img_size, interpolation=BICUBIC)]
+    steps += [T.RandomHorizontalFlip()] if cfg.hflip else []
+    if aa and in_chans == 1:
+        rgb_aa = create_transform(img_size, is_training=True, auto_augment=aa, color_jitter=None).transforms
+        aug = next(t for t in rgb_aa if type(t).__name__ in ("RandAugment", "AutoAugment", "AugMixAugment"))
+        steps += [T.Lambda(lambda im: aug(im.convert("RGB")).convert("L"))]
+    elif aa:
+        log.warning(
+            "data.auto_augment=%s is not applied to %d-channel images (RandAugment is RGB-only)", aa, in_chans
+        )
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if float(cfg.reprob) > 0:
+        steps += [RandomErasing(float(cfg.reprob), mode="pixel", max_count=1, device="cpu")]
+    return T.Compose(steps)
+
+
+def sample_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integers (run seed, epoch, position, ...)."""
+    return int(
+        np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run transforms with python, numpy and torch-CPU RNGs seeded (timm uses all three). In the main process
+    (num_workers=0) the previous states are restored after, so the training's own random state is untouched."""
+    restore = torch.utils.data.get_worker_info() is None
+    if restore:
+        states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if restore:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.default_generator.set_state(states[2])
