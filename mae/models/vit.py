@@ -1,0 +1,314 @@
+"""Vision Transformer parts: attention with interchangeable backends, pre-norm block, fixed 2-D sin-cos
+position tables, and the ViT classifier used for fine-tuning and linear probing.
+
+Parameter names follow timm's VisionTransformer (and so the reference MAE release), which is what lets
+encoder weights move between mae, the reference release and timm without renaming.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+ATTN_BACKENDS = ("auto", "sdpa", "math", "xformers")
+ATTN_BACKEND_ENV = "MAE_ATTN_BACKEND"
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention backends
+
+
+@functools.cache
+def _xformers_ops():
+    """xformers.ops, or None. A wheel built for another torch/CUDA can fail with more than ImportError."""
+    try:
+        import xformers.ops as xops
+    except Exception:
+        return None
+    return xops
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def resolve_attn_backend(requested: str | None = "auto") -> str:
+    """The backend a model built now will use: 'sdpa', 'math' or 'xformers'.
+
+    The environment variable MAE_ATTN_BACKEND, when set, overrides `requested`. 'auto' picks xformers when
+    it imports and CUDA is available, sdpa otherwise; an explicit 'xformers' that cannot import falls back
+    to sdpa with one warning.
+    """
+    name = (os.environ.get(ATTN_BACKEND_ENV) or requested or "auto").strip().lower()
+    if name not in ATTN_BACKENDS:
+        source = ATTN_BACKEND_ENV if os.environ.get(ATTN_BACKEND_ENV) else "attn_backend"
+        raise ValueError(f"{source} must be one of {', '.join(ATTN_BACKENDS)}, got {name!r}")
+    has_xformers = _xformers_ops() is not None
+    if name == "auto":
+        return "xformers" if has_xformers and torch.cuda.is_available() else "sdpa"
+    if name == "xformers" and not has_xformers:
+        _warn_once("attn_backend 'xformers' requested but xformers does not import here; using 'sdpa'")
+        return "sdpa"
+    return name
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the three backends share one set of parameters (qkv, proj)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        backend = self.backend
+        if backend == "xformers" and not x.is_cuda:
+            _warn_once("attn_backend 'xformers' needs CUDA tensors; using 'sdpa' for inputs on the CPU")
+            backend = "sdpa"
+        p = self.attn_drop if self.training else 0.0
+        qkv = self.qkv(x)
+        if backend == "xformers":
+            q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
+            x = _xformers_ops().memory_efficient_attention(q, k, v, p=p, scale=self.scale)
+            x = rearrange(x, "b n h d -> b n (h d)")
+        else:
+            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            if backend == "sdpa":
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:  # math: the explicit softmax(q k^T / sqrt(d)) v of the reference
+                attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N)
+                attn = F.dropout(attn.softmax(dim=-1), p)
+                x = attn @ v
+            x = rearrange(x, "b h n d -> b n (h d)")
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop_path(attn(norm1(x))), then the MLP the same way.
+
+    Written here rather than taken from timm because timm's Block passes version-dependent arguments to
+    its attention layer; names and order of the parameters are timm's.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
+        attn_backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, backend=attn_backend)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth growing linearly from 0 at the first block to `rate` at the last."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+    """Apply `blocks` in order; with `grad_checkpointing`, activations are recomputed in backward."""
+    use_checkpoint = grad_checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if use_checkpoint else blk(x)
+    return x
+
+
+def set_attn_backend(model: nn.Module, backend: str) -> str:
+    """Switch every Attention in `model` to `backend` (resolved as at build time); returns the one used."""
+    resolved = resolve_attn_backend(backend)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = resolved
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# position tables and initialisation
+
+
+def sincos_pos_embed_2d(
+    embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool = True
+) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table, (cls_token + gh * gw, embed_dim), float32.
+
+    Reference layout: channel quarters [sin(w), cos(w), sin(h), cos(h)] with frequencies
+    1 / 10000 ** (i / (D/4)), tokens in row-major order, a zero row first for the cls token. Computed in
+    float64 like the reference's numpy code, then rounded once.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position table needs embed_dim divisible by 4, got {embed_dim}")
+    gh, gw = to_2tuple(grid_size)
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+    h, w = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
+    out_w = w.reshape(-1, 1) * omega  # (gh * gw, D/4)
+    out_h = h.reshape(-1, 1) * omega
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    if cls_token:
+        table = torch.cat([table.new_zeros(1, embed_dim), table], dim=0)
+    return table.float()
+
+
+def init_weights_mae(module: nn.Module) -> None:
+    """Reference MAE init for one module: xavier-uniform Linear with zero bias; LayerNorm 1 / 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_patch_embed(patch_embed: PatchEmbed) -> None:
+    """Xavier-uniform on the patch projection viewed as a (D, C*p*p) matrix; its bias keeps torch's init."""
+    w = patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+
+def make_patch_embed(img_size, patch_size, in_chans: int, embed_dim: int) -> PatchEmbed:
+    img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+    for i, s in zip(img_size, patch_size):
+        if i % s:
+            raise ValueError(f"img_size {tuple(img_size)} is not divisible by patch_size {tuple(patch_size)}")
+    return PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+
+
+def check_images(imgs: torch.Tensor, patch_embed: PatchEmbed) -> None:
+    """One-line errors for images the model was not built for (instead of a shape error deep inside)."""
+    expected = (patch_embed.proj.in_channels, *patch_embed.img_size)
+    if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
+        raise ValueError(
+            f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# classifier
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier with timm's parameter names.
+
+    global_pool=True: mean of the patch tokens, then `fc_norm`, then `head` (the reference fine-tuning
+    setting; there is no final `norm`). global_pool=False: final `norm`, cls token, `head`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        global_pool: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_backend: str = "auto",
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        backend = resolve_attn_backend(attn_backend)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.embed_dim, self.depth, self.in_chans = embed_dim, depth, in_chans
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = make_patch_embed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))  # trained when fine-tuning
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i], attn_backend=backend)
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.Identity() if global_pool else LayerNorm(embed_dim)
+        self.fc_norm = LayerNorm(embed_dim) if global_pool else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """MAE-style init (sin-cos pos table as the start value); head weights trunc-normal(2e-5) as the
+        reference fine-tuning does, so a fresh head starts near zero."""
+        self.pos_embed.data.copy_(
+            sincos_pos_embed_2d(self.embed_dim, self.patch_embed.grid_size).unsqueeze(0)
+        )
+        init_patch_embed(self.patch_embed)
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_weights_mae)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=2e-5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, 1 + L, D): all tokens before pooling (after `norm` unless global_pool)."""
+        check_images(imgs, self.patch_embed)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training)
+        return self.norm(x)
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(N, 1 + L, D) -> (N, num_classes), or the pooled (N, D) with pre_logits."""
+        x = feats[:, 1:].mean(dim=1) if self.global_pool else feats[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> logits (N, num_classes)."""
+        return self.forward_head(self.forward_features(imgs))
