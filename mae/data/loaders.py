@@ -12,7 +12,7 @@ import torch
 from .images import SUPPORTED_CHANS, BadSampleLog, ImageDecodeError
 from .shards import ShardStream, resolve_shards, shard_num_samples, stack_batch
 from .sources import DataError, balanced_order, is_shard_source, label_subset, map_source
-from .transforms import build_transform, eval_transform, sample_seed, seeded
+from .transforms import build_transform, sample_seed, seeded
 
 log = logging.getLogger("mae.data")
 SUBSET_SEED = 0  # label_fraction / k-NN subsets are the same for every run seed, so runs compare
@@ -190,7 +190,7 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
     """Eval loader: resize to img_size / crop_pct + center crop. Rank r gets a contiguous block of the samples.
     max_samples > 0: the first max_samples of a fixed class-balanced order (a k-NN memory bank)."""
     _check(in_chans, batch_size, rank, world_size)
-    transform = eval_transform(cfg, img_size, in_chans)
+    transform = build_transform(cfg, "none", img_size, in_chans)
     shape, workers = (in_chans, img_size, img_size), int(cfg.num_workers)
     if is_shard_source(source):
         shards = resolve_shards(source)

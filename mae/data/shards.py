@@ -97,13 +97,19 @@ def _sizes_from_manifests(urls: list[str]):
 
 
 def count_tar_samples(path: str) -> int:
-    """Samples (distinct keys) in a local tar, read from the member headers only."""
+    """Samples (distinct keys) in a local tar, read from the member headers only; a truncated or corrupt tar
+    counts the samples before the damage, with a warning."""
     keys = set()
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            key, _ = base_plus_ext(m.name)
-            if m.isfile() and key is not None:
-                keys.add(key)
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                key, _ = base_plus_ext(m.name)
+                if m.isfile() and key is not None:
+                    keys.add(key)
+    except (OSError, tarfile.TarError) as e:
+        log.warning(
+            "shard %s is truncated or corrupt (%s): counting its %d readable samples", path, e, len(keys)
+        )
     return len(keys)
 
 
@@ -115,12 +121,7 @@ def shard_num_samples(shards: ShardSet, source: str, epoch_samples: int = 0) -> 
         return sum(shards.sizes)
     if all(_is_local(u) for u in shards.urls):
         log.info("no shard manifest for %s: counting samples in %d shards", source, len(shards.urls))
-        try:
-            return sum(count_tar_samples(u) for u in shards.urls)
-        except (OSError, tarfile.TarError) as e:
-            raise DataError(
-                f"data source {source!r}: cannot count samples ({e}); set data.epoch_samples"
-            ) from None
+        return sum(count_tar_samples(u) for u in shards.urls)
     raise DataError(
         f"data source {source!r}: the number of samples is unknown (no manifest); set data.epoch_samples"
     )
@@ -169,11 +170,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         role = (w + self.start_step) % nw  # worker w produces global batches start_step + w, + nw, ...
         quota = self.steps // nw + (role < self.steps % nw)
         skip = len(range(role, self.start_step, nw))
-        raw = self._resampled(role, nw) if self.resampled else self._split_passes(role, nw)
-        bufsize = max(1, self.shuffle_buffer)
-        raw = wds.shuffle(
-            bufsize, min(bufsize, 1000), seed=sample_seed(self.seed, self.epoch, self.rank, role, 7)
-        )(raw)
+        if self.resampled:
+            raw = self._shuffled(self._resampled(role, nw), role, -1)
+        else:
+            raw = self._split_passes(role, nw)
         for b in range(quota):
             group = list(islice(raw, self.batch_size))
             if not group:
@@ -204,24 +204,37 @@ class ShardStream(torch.utils.data.IterableDataset):
         return wds.tarfile_to_samples(handler=self._tar_error)({"url": u} for u in urls)
 
     def _split_passes(self, role: int, nw: int):
-        """Raw samples of this worker: its shards (or its every T-th sample), pass after pass when training."""
-        g, total = self.rank * nw + role, self.world_size * nw
+        """Raw samples of this worker, pass after pass when training (each pass reshuffled, the shuffle buffer
+        drained at its end, so one pass over balanced shards yields every sample exactly once)."""
         for p in range(1 << 62):
-            urls = list(self.urls)
+            src = self._one_pass(p, role, nw)
             if self.train:
-                random.Random(sample_seed(self.seed, self.epoch, p)).shuffle(urls)
+                src = self._shuffled(src, role, p)
             n = 0
-            if len(urls) >= total:
-                for s in self._samples(urls[self.rank :: self.world_size][role::nw]):
-                    n += 1
-                    yield s
-            else:
-                for i, s in enumerate(self._samples(urls)):
-                    if i % total == g:
-                        n += 1
-                        yield s
+            for s in src:
+                n += 1
+                yield s
             if not self.train or n == 0:
                 return
+
+    def _shuffled(self, src, role: int, p: int):
+        bufsize = max(1, self.shuffle_buffer)
+        seed = sample_seed(self.seed, self.epoch, self.rank, role, p)
+        return wds.shuffle(bufsize, min(bufsize, 1000), seed=seed)(src)
+
+    def _one_pass(self, p: int, role: int, nw: int):
+        """This worker's share of the shards (shuffled per pass): whole shards split by rank then by worker,
+        or, with fewer shards than ranks x workers, every (ranks x workers)-th sample of all of them."""
+        g, total = self.rank * nw + role, self.world_size * nw
+        urls = list(self.urls)
+        if self.train:
+            random.Random(sample_seed(self.seed, self.epoch, p)).shuffle(urls)
+        if len(urls) >= total:
+            yield from self._samples(urls[self.rank :: self.world_size][role::nw])
+        else:
+            for i, s in enumerate(self._samples(urls)):
+                if i % total == g:
+                    yield s
 
     def _resampled(self, role: int, nw: int):
         """Shards drawn with replacement, independently per (rank, worker): an endless stream."""

@@ -63,19 +63,14 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
         return T.Compose([T.RandomResizedCrop(img_size, interpolation=BICUBIC), *flip, *tail])
     if augment == "finetune":
         return _finetune_transform(cfg, img_size, in_chans, mean, std)
-    return eval_transform(cfg, img_size, in_chans)
+    return eval_transform(img_size, mean, std, cfg.crop_pct)
 
 
-def eval_transform(cfg, img_size: int, in_chans: int):
-    mean, std = norm_stats(cfg, in_chans)
-    resize = int(img_size / float(cfg.crop_pct))
+def eval_transform(img_size: int, mean, std, crop_pct: float = 0.875):
+    """Resize the shorter side to img_size / crop_pct (bicubic), center crop img_size, normalize."""
+    size = int(img_size / float(crop_pct))
     return T.Compose(
-        [
-            T.Resize(resize, interpolation=BICUBIC),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
+        [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)]
     )
 
 
