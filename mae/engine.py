@@ -82,12 +82,23 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     precision = resolve_precision(cfg.train.precision, on_cuda)
     if cfg.log.wandb not in ("online", "offline", "disabled"):
         raise ConfigError(f"log.wandb={cfg.log.wandb!r}: expected online, offline or disabled")
+    _reset_single_process_state()
     return Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
         log_with="wandb" if cfg.log.wandb != "disabled" else None,
         project_dir=cfg.output_dir,
         cpu=not on_cuda,
     )
+
+
+def _reset_single_process_state() -> None:
+    """Accelerate keeps one global state per process; a second in-process run (tests, notebooks) may
+    need another precision. Only a non-distributed state is reset: a process group is never torn down."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("distributed_type", DistributedType.NO) == DistributedType.NO:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def prepare_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path | None:
