@@ -53,7 +53,10 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
             return float(value)
         raise bad("a number")
     if isinstance(default, str):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        # YAML reads `key=false` as a boolean; string keys such as log.progress (auto|true|false) take it
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise bad("a string")
     if isinstance(default, list):
