@@ -131,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         acc = make_accelerator(cfg)
         seed_everything(cfg.seed, acc.process_index)
         task = build_task(cfg, acc)
-        return train(cfg, acc, task)
+        rc = train(cfg, acc, task)
+        if rc == 0 and acc.is_main_process:
+            out = Path(cfg.output_dir)
+            print(f"metrics:        {out / 'metrics.jsonl'}\ncheckpoint:     {out / 'checkpoint-last'}")
+            if (out / "reconstruction-last.png").is_file():
+                print(f"reconstruction: {out / 'reconstruction-last.png'}")
+        return rc
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

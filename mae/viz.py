@@ -90,13 +90,13 @@ def save_reconstructions(
 
 def load_images(paths: list[str], img_size: int, in_chans: int, mean, std) -> torch.Tensor:
     """Read image files for the figure: convert to the model's channels, resize + centre crop, normalise."""
-    from mae.data import eval_transform, to_channels
+    from mae.data import convert_image, eval_transform
 
     tf = eval_transform(img_size, mean, std, crop_pct=1.0)
     out = []
     for p in paths:
         with Image.open(p) as im:
-            out.append(tf(to_channels(im, in_chans)))
+            out.append(tf(convert_image(im, in_chans)))
     return torch.stack(out)
 
 
