@@ -1,0 +1,312 @@
+"""Export weights for other libraries: the encoder to timm, the full model to (and from) Hugging Face.
+
+    python -m mae.export SOURCE OUT_DIR --to timm   # model.safetensors + config.json, encoder only
+    python -m mae.export SOURCE OUT_DIR --to hf     # a transformers ViTMAEForPreTraining directory
+    python -m mae.export HF_DIR OUT_DIR --to mae    # back to our names: model.safetensors + config.json
+
+SOURCE: a pretraining run's output_dir (its latest checkpoint), a checkpoint directory or file, a
+reference-release `.pth` ({'model': state_dict}), a directory written by `--to mae`, or a Hugging Face
+ViTMAE directory. The architecture comes from the run's config.yaml or the source's config.json; for a bare
+file it is read from the tensor shapes, with the head counts of the standard sizes (or --num-heads).
+
+The timm export loads offline with
+    timm.create_model(ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=".../model.safetensors"))
+(plus the `model_args` of config.json when they differ from ARCH's defaults; for in_chans other than 1 and 3
+add `first_conv=None` to the overlay so that timm keeps the patch projection as it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mae.weights import (
+    load_state_dict_any,
+    mae_args_from_hf_config,
+    mae_to_hf_state_dict,
+    read_hf_config,
+)
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TIMM_ARCH = {  # (embed_dim, depth, num_heads) -> timm architecture
+    (192, 12, 3): "vit_tiny_patch16_224",
+    (384, 12, 6): "vit_small_patch16_224",
+    (768, 12, 12): "vit_base_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+    (1280, 32, 16): "vit_huge_patch14_224",
+}
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 128: 4, 256: 8, 512: 16}  # width -> heads
+
+
+class ExportError(ValueError):
+    """A user-facing problem with the source or the options (one line, exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the source is
+
+
+def _count_blocks(sd: dict, prefix: str) -> int:
+    return len({k.split(".")[1] for k in sd if k.startswith(prefix + ".")})
+
+
+def infer_mae_args(sd: dict, num_heads: int | None = None, decoder_num_heads: int | None = None) -> dict:
+    """MaskedAutoencoder arguments read from tensor shapes; head counts from the standard sizes."""
+    w, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    if grid * grid != pos.shape[1] - 1:
+        raise ExportError("pos_embed is not a square grid; pass a source with a config")
+    dim = w.shape[0]
+    args = dict(
+        img_size=grid * w.shape[2],
+        patch_size=w.shape[2],
+        in_chans=w.shape[1],
+        embed_dim=dim,
+        depth=_count_blocks(sd, "blocks"),
+        num_heads=num_heads or STANDARD_HEADS.get(dim),
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+    )
+    if "decoder_embed.weight" in sd:
+        dec = sd["decoder_embed.weight"].shape[0]
+        heads = decoder_num_heads or STANDARD_HEADS.get(dec)
+        args.update(
+            decoder_embed_dim=dec, decoder_depth=_count_blocks(sd, "decoder_blocks"), decoder_num_heads=heads
+        )
+    missing = [k for k in ("num_heads", "decoder_num_heads") if k in args and args[k] is None]
+    if missing:
+        raise ExportError(
+            f"cannot tell {' and '.join(missing)} from the weights; pass --{missing[0].replace('_', '-')}"
+        )
+    return args
+
+
+def _run_config(source: Path):
+    """The run's config (OmegaConf) for a run dir, a checkpoint dir or a file inside one; else None."""
+    from mae.build import load_run_config
+
+    for d in [source, *source.parents][:3]:
+        if d.is_dir() and (d / "config.yaml").is_file():
+            return load_run_config(d)
+    return None
+
+
+def describe_source(source: str | Path, opts: argparse.Namespace | None = None) -> tuple[dict, dict, dict]:
+    """(state dict in our names, MaskedAutoencoder arguments, extras: mask_ratio, mean, std)."""
+    src = Path(source)
+    sd = load_state_dict_any(src)
+    extras = dict(mask_ratio=0.75, mean=None, std=None)
+    hf_cfg, run_cfg = read_hf_config(src), _run_config(src)
+    own_cfg = src / "config.json" if src.is_dir() else src.parent / "config.json"
+    if hf_cfg is not None:
+        args = mae_args_from_hf_config(hf_cfg)
+        extras.update(mask_ratio=hf_cfg.get("mask_ratio", 0.75))
+    elif run_cfg is not None:
+        from mae.build import model_overrides
+        from mae.models import model_config
+
+        name = run_cfg.model.name if run_cfg.model.name.startswith("mae_") else "mae_" + run_cfg.model.name
+        args = {**model_config(name), **model_overrides(run_cfg)}
+        for runtime_only in ("attn_backend", "grad_checkpointing"):
+            args.pop(runtime_only, None)
+        extras.update(
+            mask_ratio=run_cfg.model.mask_ratio, mean=list(run_cfg.data.mean), std=list(run_cfg.data.std)
+        )
+    elif own_cfg.is_file() and "mae_model_args" in (cfg := json.loads(own_cfg.read_text())):
+        args = dict(cfg["mae_model_args"])
+        extras.update({k: cfg[k] for k in ("mask_ratio", "mean", "std") if k in cfg})
+    else:
+        args = infer_mae_args(sd, getattr(opts, "num_heads", None), getattr(opts, "decoder_num_heads", None))
+    if opts is not None:
+        for key in ("num_heads", "decoder_num_heads", "norm_pix_loss"):
+            if getattr(opts, key, None) is not None:
+                args[key] = getattr(opts, key)
+        if opts.mask_ratio is not None:
+            extras["mask_ratio"] = opts.mask_ratio
+    return sd, args, extras
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writers
+
+
+def export_timm(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
+    """Encoder -> OUT_DIR/model.safetensors + config.json for timm (classifier head too, when present)."""
+    import timm
+    from safetensors.torch import save_file
+
+    key = (args["embed_dim"], args["depth"], args["num_heads"])
+    if key not in TIMM_ARCH:
+        raise ExportError(
+            f"no timm architecture for embed_dim/depth/num_heads {key}; known: {sorted(TIMM_ARCH)}"
+        )
+    arch = TIMM_ARCH[key]
+    encoder = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+    num_classes = encoder["head.weight"].shape[0] if "head.weight" in encoder else 0
+    global_pool = "avg" if "fc_norm.weight" in encoder else "token"
+    model_args = dict(
+        img_size=args["img_size"],
+        patch_size=args["patch_size"],
+        in_chans=args["in_chans"],
+        global_pool=global_pool,
+    )
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
+    model.load_state_dict(encoder, strict=True)  # proves the file loads into timm before it is written
+    C, mean, std = args["in_chans"], extras.get("mean"), extras.get("std")
+    if mean is None:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if C == 3 else ([0.5] * C, [0.5] * C)
+    img = model_args["img_size"]
+    config = dict(
+        architecture=arch,
+        num_classes=num_classes,
+        num_features=args["embed_dim"],
+        global_pool=global_pool,
+        model_args=model_args,
+        pretrained_cfg=dict(
+            tag="mae",
+            custom_load=False,
+            input_size=[C, img, img],
+            fixed_input_size=True,
+            interpolation="bicubic",
+            crop_pct=0.9,
+            crop_mode="center",
+            mean=list(mean),
+            std=list(std),
+            num_classes=num_classes,
+            pool_size=None,
+            first_conv="patch_embed.proj",
+            classifier="head",
+        ),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def hf_config_dict(args: dict, mask_ratio: float = 0.75) -> dict:
+    """ViTMAEConfig arguments for our MaskedAutoencoder arguments (LayerNorm eps 1e-6 as ours)."""
+    mlp = args.get("mlp_ratio", 4.0)
+    return dict(
+        hidden_size=args["embed_dim"],
+        num_hidden_layers=args["depth"],
+        num_attention_heads=args["num_heads"],
+        intermediate_size=int(args["embed_dim"] * mlp),
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-6,
+        image_size=args["img_size"],
+        patch_size=args["patch_size"],
+        num_channels=args["in_chans"],
+        qkv_bias=True,
+        decoder_hidden_size=args["decoder_embed_dim"],
+        decoder_num_hidden_layers=args["decoder_depth"],
+        decoder_num_attention_heads=args["decoder_num_heads"],
+        decoder_intermediate_size=int(args["decoder_embed_dim"] * mlp),
+        mask_ratio=mask_ratio,
+        norm_pix_loss=bool(args.get("norm_pix_loss", False)),
+    )
+
+
+def export_hf(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
+    """Full model -> a `save_pretrained` directory of transformers' ViTMAEForPreTraining."""
+    from safetensors.torch import save_file
+
+    try:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    except ImportError:
+        raise ExportError("--to hf needs transformers: pip install 'mae[hf]'") from None
+    if "decoder_embed.weight" not in sd:
+        raise ExportError(
+            "the source has no decoder (encoder-only weights); --to hf needs a full MAE checkpoint"
+        )
+    if isinstance(args["img_size"], (tuple, list)) or isinstance(args["patch_size"], (tuple, list)):
+        raise ExportError("Hugging Face ViTMAE needs square images and patches")
+    model = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_dict(args, extras.get("mask_ratio", 0.75))))
+    style = "v5" if any(k.startswith("vit.layers.") for k in model.state_dict()) else "v4"
+    model.load_state_dict(mae_to_hf_state_dict(sd, style), strict=True)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    # The weights are rewritten with transformers 4.x names, which 4.x and 5.x both load (5.x renames on
+    # load); 5.x's own save names the decoder layers in a way 4.x does not read.
+    for f in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        f.unlink()
+    tensors = {k: v.contiguous() for k, v in mae_to_hf_state_dict(sd, "v4").items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def export_mae(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
+    """Our names -> OUT_DIR/model.safetensors + config.json (`mae_model_args` = MaskedAutoencoder arguments)."""
+    from safetensors.torch import save_file
+
+    from mae.models import MaskedAutoencoder
+
+    with torch.device("meta"):
+        MaskedAutoencoder(**args).load_state_dict(sd, strict=True, assign=True)  # complete and consistent
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    config = {"mae_model_args": args, **{k: v for k, v in extras.items() if v is not None}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+WRITERS = {"timm": export_timm, "hf": export_hf, "mae": export_mae}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="mae-export", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "source", help="run output_dir, checkpoint, reference .pth, or Hugging Face ViTMAE directory"
+    )
+    p.add_argument("out_dir", help="directory to write")
+    p.add_argument("--to", required=True, choices=sorted(WRITERS), help="target format")
+    p.add_argument(
+        "--num-heads", type=int, help="encoder heads (only for bare weight files of unusual widths)"
+    )
+    p.add_argument("--decoder-num-heads", type=int, help="decoder heads (likewise)")
+    p.add_argument(
+        "--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None, help="HF config flag"
+    )
+    p.add_argument("--mask-ratio", type=float, help="HF config mask_ratio (default: the run's, else 0.75)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        sd, args, extras = describe_source(opts.source, opts)
+        out = WRITERS[opts.to](sd, args, extras, opts.out_dir)
+    except (ExportError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = f"missing tensor {e}" if isinstance(e, KeyError) else str(e)
+        print(f"mae-export: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"wrote {opts.to} weights to {out}")
+    return 0
+
+
+def cli() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()
