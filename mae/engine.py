@@ -288,9 +288,9 @@ class Trainer:
             return
         id_file = self.out / "wandb_id"
         if self.acc.is_main_process and not id_file.is_file():
-            import wandb
+            import uuid
 
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])  # kept with the run: a resumed run continues it
         self.acc.wait_for_everyone()
         self.acc.init_trackers(
             self.cfg.log.wandb_project,

@@ -236,3 +236,16 @@ def test_two_process_ddp_on_shards_ends_with_identical_weights(tmp_path):
     ck = weights(out / "checkpoint-00000006")
     assert all(torch.equal(ck[k], w0[k]) for k in ck)
     assert [x["step"] for x in rows(out)] == [2, 4, 6]
+
+
+@needs_fmnist
+def test_wandb_offline_run_is_continued_on_resume(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    args = TINY_FMNIST + [f"output_dir={out}", "log.wandb=offline", "checkpoint.every_steps=2"]
+    assert main(args + ["train.max_steps=2"]) == 0
+    assert main(args + ["train.max_steps=4"]) == 0
+    run_id = (out / "wandb_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
