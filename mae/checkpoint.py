@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,10 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from mae.config import ConfigError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{8})$")
 LAST = "checkpoint-last"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be loaded: unreadable, cut short, or holding objects other than tensors and
+    plain data (which are refused, never unpickled). One line; entry points exit with code 2."""
 
 
 def ckpt_name(step: int) -> str:
@@ -77,9 +86,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch reports a failed write (full disk, quota) as a RuntimeError
+            raise OSError(f"writing {path.name}: {_first_line(e)}") from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -117,7 +133,10 @@ def write_rank_files(tmp: Path, rank: int) -> None:
 def write_main_files(tmp: Path, model_state: dict, train_state: dict, meta: dict) -> None:
     """Rank 0: weights (safetensors), optimizer & counters, and meta.json last."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    except SafetensorError as e:  # e.g. "I/O error: No space left on device (os error 28)"
+        raise OSError(f"writing model.safetensors: {_first_line(e)}") from None
     _torch_save(train_state, tmp / "state.pt")
     with open(tmp / "meta.json", "w") as f:
         json.dump({**meta, "time": time.time()}, f)
@@ -145,11 +164,28 @@ def commit(tmp: Path, keep: int) -> Path:
 
 
 def load_train_state(ckpt: Path, rank: int) -> tuple[dict, dict, dict | None]:
-    """(model state dict, train state, this rank's RNG state or None) of a complete checkpoint."""
-    model_state = load_file(str(ckpt / "model.safetensors"))
-    train_state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    rng_path = ckpt / f"rng-rank{rank}.pt"
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    """(model state dict, train state, this rank's RNG state or None) of a complete checkpoint.
+    Raises CheckpointError naming the file when one is unreadable or holds more than plain data."""
+    path = ckpt / "model.safetensors"
+    try:
+        model_state = load_file(str(path))
+        path = ckpt / "state.pt"
+        train_state = torch.load(path, map_location="cpu", weights_only=True)
+        path = ckpt / f"rng-rank{rank}.pt"
+        rng = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    except pickle.UnpicklingError as e:
+        why = next(
+            (ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), _first_line(e)
+        )
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain data, refused unloaded ({why.split('. Please')[0]}); "
+            f"move {ckpt.name} out of {ckpt.parent} to resume from an earlier checkpoint"
+        ) from None
+    except (OSError, RuntimeError, SafetensorError, EOFError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({_first_line(e)}); move {ckpt.name} out of {ckpt.parent} to resume from "
+            "an earlier checkpoint"
+        ) from None
     return model_state, train_state, rng
 
 
