@@ -101,10 +101,17 @@ def _finetune_transform(cfg, img_size: int, in_chans: int, mean, std):
 
 
 def sample_seed(*keys: int) -> int:
-    """A 63-bit seed mixed from integers (run seed, epoch, position, ...)."""
-    return int(
-        np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1
-    )
+    """A 63-bit seed mixed from integers (run seed, epoch, position, ...) with splitmix64 steps."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = ((h ^ (int(k) & _M64)) + 0x9E3779B97F4A7C15) & _M64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
+        h ^= h >> 31
+    return h >> 1
+
+
+_M64 = (1 << 64) - 1
 
 
 @contextlib.contextmanager
