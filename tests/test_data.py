@@ -305,3 +305,21 @@ def test_truncated_tar_shard_is_counted_and_stream_continues(tmp_path):
     seen = sorted(i for x, _, _ in out for i in ids_of(x))
     assert seen == [0, 1, 2] + list(range(6, 12))
     assert sum(n for *_, n in out) >= 1
+
+
+def test_bare_builtin_name_is_train_split_for_training_and_test_split_for_eval():
+    from mae.data import train_split
+
+    assert (
+        train_split("fashion-mnist") == "fashion-mnist:train"
+        and train_split("synthetic") == "synthetic:train"
+    )
+    assert train_split("fashion-mnist:test") == "fashion-mnist:test" and train_split("/data/x") == "/data/x"
+    cfg = data_cfg(synthetic_samples=10)
+    kw = dict(img_size=8, in_chans=3, batch_size=10, rank=0, world_size=1)
+    bare, held_out, train = (next(iter(build_eval_loader(cfg, source=s, **kw)))[0] for s in
+                             ("synthetic", "synthetic:test", "synthetic:train"))  # fmt: skip
+    assert torch.equal(bare, held_out) and not torch.equal(bare, train)
+    loader = build_train_loader(cfg, source="synthetic", augment="none", seed=0, **dict(kw, batch_size=5))
+    first = torch.cat([x for x, _, _ in loader.iterate(0)])
+    assert any(torch.equal(first[0], t) for t in train)  # the training loader reads the train split

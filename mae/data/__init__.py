@@ -4,7 +4,7 @@ from .images import IMAGE_EXTS, ImageDecodeError, convert_image, decode_image
 from .images import convert_image as to_channels
 from .loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from .shards import MANIFEST, read_manifest, resolve_shards
-from .sources import FMNIST_CLASSES, DataError, read_fashion_mnist, scan_folder
+from .sources import FMNIST_CLASSES, DataError, read_fashion_mnist, scan_folder, train_split
 from .transforms import build_transform, eval_transform
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "resolve_shards",
     "scan_folder",
     "to_channels",
+    "train_split",
 ]

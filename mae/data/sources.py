@@ -29,7 +29,7 @@ SYNTHETIC_CLASSES = 10
 MANIFESTS = ("dataset.json", "sizes.json")
 SOURCE_HELP = (
     "expected an image folder, a shard directory, a shard pattern (dir/train-{000000..000009}.tar, pipe:..., "
-    "joined with '::'), 'fashion-mnist[:train|:test]' or 'synthetic'"
+    "joined with '::'), 'fashion-mnist[:train|:test]' or 'synthetic[:train|:test]'"
 )
 
 
@@ -188,16 +188,21 @@ def _image_files(folder: str) -> list[str]:
 
 
 def parse_builtin(source: str, default_split: str) -> tuple[str, str] | None:
-    """'fashion-mnist[:split]' / 'synthetic' -> (name, split); None for anything else."""
+    """'fashion-mnist[:split]' / 'synthetic[:split]' -> (name, split); None for anything else."""
     name, _, split = source.partition(":")
-    if name == "synthetic" and not split:
-        return name, default_split
-    if name == "fashion-mnist":
-        split = split or default_split
-        if split not in ("train", "test"):
-            raise DataError(f"data source {source!r}: fashion-mnist split must be 'train' or 'test'")
-        return name, split
-    return None
+    if name not in ("fashion-mnist", "synthetic"):
+        return None
+    split = split or default_split
+    if split not in ("train", "test"):
+        raise DataError(f"data source {source!r}: the split must be 'train' or 'test'")
+    return name, split
+
+
+def train_split(source: str) -> str:
+    """A built-in name with its training split made explicit ('fashion-mnist' -> 'fashion-mnist:train'), so an
+    eval loader reads the training images (e.g. a k-NN memory bank); other sources unchanged."""
+    builtin = parse_builtin(source, "train")
+    return f"{builtin[0]}:{builtin[1]}" if builtin and ":" not in source else source
 
 
 def is_shard_source(source: str) -> bool:
@@ -219,7 +224,7 @@ def map_source(cfg, source: str, *, img_size: int, train: bool):
     if builtin:
         name, split = builtin
         if name == "synthetic":
-            return SyntheticSource(int(cfg.synthetic_samples), img_size, split=0 if train else 1)
+            return SyntheticSource(int(cfg.synthetic_samples), img_size, split=0 if split == "train" else 1)
         images, labels = read_fashion_mnist(cfg.fmnist_dir or None, split)
         return ArraySource(images, labels, list(FMNIST_CLASSES))
     if os.path.isdir(source):
