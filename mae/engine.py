@@ -316,6 +316,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for p in ckpt.remove_partial(self.out):
                 self.log(f"removed incomplete checkpoint {p.name} (interrupted write)")
+            if resume_from is None and (dropped := ckpt.truncate_metrics(self.metrics_path, 0)):
+                self.log(f"dropped {dropped} metrics rows of an earlier attempt that left no checkpoint")
             (self.out / "config.yaml").write_text(to_yaml(cfg, d))
         acc.wait_for_everyone()
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=acc.device)
