@@ -242,3 +242,20 @@ def test_fashion_mnist_source_and_unlabelled_folder(tmp_path):
     assert manifest["classes"] is None and manifest["num_classes"] == 0 and manifest["total"] == 3
     with tarfile.open(tmp_path / "flat_shards" / "train-000000.tar") as tf:
         assert not any(n.endswith(".cls") for n in tf.getnames())
+
+
+@pytest.mark.slow
+def test_pretrain_from_built_shards(tmp_path):
+    from mae import pretrain
+
+    make_folder(tmp_path / "images", per_class=4)
+    out, rc = shards(tmp_path, "--samples-per-shard", "3")
+    assert rc == 0 and verify_shards.main([out]) == 0
+    run = tmp_path / "run"
+    argv = ["recipe=demo", f"data.train={out}", "data.val=", f"output_dir={run}", "model.in_chans=3", "model.img_size=32",
+            "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.num_workers=2", "train.batch_size=4", "train.max_steps=3",
+            "log.knn_every_steps=0", "log.every_steps=1", "log.viz_images=2", "log.wandb=disabled"]  # fmt: skip
+    assert pretrain.main(argv) == 0
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps[-1] == 3 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
