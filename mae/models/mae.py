@@ -179,7 +179,7 @@ class MaskedAutoencoder(nn.Module):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)  # (N, L)
-        return (loss * mask).sum() / mask.sum()
+        return (loss * mask).sum() / mask.sum().clamp_min(1)  # an empty batch (all samples bad): 0, not 0/0
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
