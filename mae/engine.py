@@ -364,7 +364,11 @@ class Trainer:
                 last_micro = micro == ga - 1
                 ctx = acc.no_sync(self.model) if (not last_micro and acc.num_processes > 1) else _null()
                 with ctx:
-                    loss = task.loss_fn(self.model, images, labels, self.step, micro)
+                    if images.shape[0] > 0:
+                        loss = task.loss_fn(self.model, images, labels, self.step, micro)
+                    else:  # every sample was corrupt: a zero-gradient pass keeps DDP ranks in lockstep
+                        dummy = images.new_zeros(2, *images.shape[1:])
+                        loss = task.loss_fn(self.model, dummy, labels.new_zeros(2), self.step, micro) * 0.0
                     if self.fault_nan_step == self.step + 1:
                         loss = loss * float("nan")
                     acc.backward(loss / ga)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from mae.build import build_mae  # noqa: E402
 from mae.config import ConfigError, load_config  # noqa: E402
-from mae.data import DataError, build_eval_loader, build_train_loader  # noqa: E402
+from mae.data import DataError, build_eval_loader, build_train_loader, train_split  # noqa: E402
 from mae.engine import Task, TrainingError, make_accelerator, seed_everything, train  # noqa: E402
 from mae.evaluation import extract_features, knn_top1, mean_patch_features  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
@@ -43,7 +43,9 @@ def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
     if not cfg.data.val:
         raise ConfigError("log.knn_every_steps > 0 needs data.val (labelled held-out images)")
     single = dict(data_kw, rank=0, world_size=1)
-    bank = build_eval_loader(cfg.data, source=cfg.data.train, max_samples=cfg.log.knn_train_samples, **single)
+    bank = build_eval_loader(
+        cfg.data, source=train_split(cfg.data.train), max_samples=cfg.log.knn_train_samples, **single
+    )
     queries = build_eval_loader(cfg.data, source=cfg.data.val, max_samples=cfg.log.knn_val_samples, **single)
     if bank.num_classes == 0:
         raise ConfigError(f"log.knn_every_steps > 0 needs labels in data.train ({cfg.data.train!r} has none)")

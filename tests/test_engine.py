@@ -1,0 +1,74 @@
+"""The shared loop on its own: a stub loader, a tiny model, no entry point."""
+
+import json
+
+import torch
+from torch import nn
+
+from mae.config import load_config
+from mae.engine import Task, make_accelerator, train
+from mae.optim import lr_at, param_groups
+
+
+class StubLoader:
+    """4 steps per epoch; the batch of step 2 of every epoch arrived with all its samples corrupt."""
+
+    num_samples, steps_per_epoch, num_classes = 32, 4, 2
+
+    def iterate(self, epoch, start_step=0):
+        g = torch.Generator().manual_seed(epoch)
+        for i in range(self.steps_per_epoch):
+            x = torch.randn(8, 3, generator=g)
+            y = (x[:, 0] > 0).long()
+            if i < start_step:
+                continue
+            yield (x[:0], y[:0], 8) if i == 2 else (x, y, 0)
+
+
+def test_all_corrupt_batch_is_counted_and_the_run_goes_on(tmp_path):
+    cfg = load_config(
+        [
+            f"output_dir={tmp_path}",
+            "train.max_steps=8",
+            "train.precision=fp32",
+            "train.batch_size=8",
+            "log.every_steps=4",
+            "checkpoint.every_steps=100",
+            "train.warmup_epochs=0",
+        ]
+    )
+    model = nn.Sequential(nn.Linear(3, 2))
+    seen = []
+
+    def loss_fn(m, x, y, step, micro):
+        seen.append(x.shape[0])
+        return nn.functional.cross_entropy(m(x), y)
+
+    acc = make_accelerator(cfg)
+    task = Task(model=model, groups=param_groups(model, 0.0), loader=StubLoader(), loss_fn=loss_fn)
+    assert train(cfg, acc, task) == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert rows[-1]["bad_samples"] == 16
+    assert seen.count(2) == 2 and seen.count(8) == 6  # the empty batches ran as zero-weight passes
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 1.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0) == 0.5
+    assert lr_at(10, 100, 10, 1.0) == 1.0
+    assert abs(lr_at(55, 100, 10, 1.0, 0.1) - 0.55) < 1e-9  # half-way down the cosine
+    assert abs(lr_at(100, 100, 10, 1.0, 0.1) - 0.1) < 1e-9
+
+
+def test_no_weight_decay_on_biases_norms_tokens_and_tables():
+    from mae.models import create_mae
+
+    model = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, decoder_depth=1)
+    groups = param_groups(model, 0.05)
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= decay
+    # the fixed sin-cos tables are not trained at all
+    assert "pos_embed" not in no_decay | decay and "decoder_pos_embed" not in no_decay | decay
