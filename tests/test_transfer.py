@@ -1,0 +1,280 @@
+"""Fine-tuning and linear probing: initialisation paths, layer-wise lr decay, frozen encoder, best checkpoint."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mae import checkpoint as ckpt
+from mae.build import build_vit
+from mae.config import ConfigError, load_config
+from mae.finetune import BEST, best_keeper, classification_loss, layer_decay_groups, load_init
+from mae.finetune import main as finetune_main
+from mae.linprobe import LinearProbe
+from mae.linprobe import main as linprobe_main
+from mae.models import create_mae
+
+TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2)
+TINY_ARGS = [
+    "model.img_size=28",
+    "model.patch_size=4",
+    "model.in_chans=1",
+    "model.embed_dim=32",
+    "model.depth=3",
+    "model.num_heads=2",
+    "data.train=synthetic",
+    "data.val=synthetic",
+    "data.synthetic_samples=64",
+    "data.num_workers=0",
+    "data.mean=[0.5]",
+    "data.std=[0.25]",
+    "train.batch_size=16",
+    "train.precision=fp32",
+    "train.warmup_epochs=0.5",
+    "log.every_steps=1",
+    "log.progress=false",
+    "log.wandb=disabled",
+]
+HEAD = {"head.weight", "head.bias"}
+FC_NORM = {"fc_norm.weight", "fc_norm.bias"}
+
+
+def tiny_cfg(recipe="finetune_demo", *extra, task="finetune"):
+    return load_config([f"recipe={recipe}", *TINY_ARGS, *extra], task=task)
+
+
+def encoder_items(sd):
+    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", "head", "fc_norm"))}
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    torch.manual_seed(1)
+    mae = create_mae(
+        "mae_vit_tiny_patch16", decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **TINY
+    )
+    with torch.no_grad():  # move every weight off its init value, so a skipped key cannot go unnoticed
+        for p in mae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return {k: v.clone() for k, v in mae.state_dict().items()}
+
+
+def write_run(root: Path, sd: dict) -> Path:
+    """A pretraining run directory as mae/pretrain.py leaves it: config.yaml, checkpoint-N/, checkpoint-last."""
+    run = root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: pretrain\n")
+    tmp = ckpt.tmp_dir(run, 7)
+    tmp.mkdir()
+    ckpt.write_main_files(tmp, sd, {"step": 7}, {"step": 7, "epoch": 0, "task": "pretrain"})
+    ckpt.commit(tmp, keep=2)
+    return run
+
+
+def init_sources(root: Path, sd: dict) -> dict:
+    """Each form model.init accepts, all holding the same encoder."""
+    run = write_run(root, sd)
+    encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": sd}, root / "mae_visualize_tiny.pth")
+    torch.save({"model": encoder_only}, root / "mae_pretrain_tiny.pth")
+    timm_sd = {**encoder_only, "head.weight": torch.randn(1000, 32), "head.bias": torch.zeros(1000)}
+    save_file(timm_sd, str(root / "timm_vit.safetensors"))
+    torch.save(timm_sd, root / "timm_vit.pth")
+    return {
+        "run_dir": run,
+        "checkpoint_dir": run / "checkpoint-last",
+        "reference_full": root / "mae_visualize_tiny.pth",
+        "reference_encoder": root / "mae_pretrain_tiny.pth",
+        "timm_safetensors": root / "timm_vit.safetensors",
+        "timm_pth": root / "timm_vit.pth",
+    }
+
+
+KINDS = ["run_dir", "checkpoint_dir", "reference_full", "reference_encoder", "timm_safetensors", "timm_pth"]
+
+
+@pytest.mark.parametrize("global_pool", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_init_path_loads_everything_but_the_head(tmp_path, pretrained, kind, global_pool):
+    source = init_sources(tmp_path, pretrained)[kind]
+    vit = build_vit(tiny_cfg("finetune_demo", f"model.global_pool={str(global_pool).lower()}"), 10)
+    missing, unexpected = load_init(vit, str(source), log=lambda *a: None)
+    assert set(missing) == (HEAD | FC_NORM if global_pool else HEAD)
+    assert unexpected == []
+    loaded = vit.state_dict()
+    for k, v in encoder_items(pretrained).items():
+        if global_pool and k.startswith("norm."):
+            continue  # the reference fine-tuning replaces the final norm by fc_norm under global pooling
+        assert torch.equal(loaded[k], v), k
+
+
+def test_init_from_another_image_size_resizes_the_position_table(tmp_path, pretrained):
+    source = init_sources(tmp_path, pretrained)["run_dir"]
+    vit = build_vit(tiny_cfg("finetune_demo", "model.img_size=32"), 10)  # 7x7 -> 8x8 patches
+    missing, unexpected = load_init(vit, str(source), log=lambda *a: None)
+    assert set(missing) == HEAD | FC_NORM and unexpected == []
+    assert vit.pos_embed.shape == (1, 65, 32)
+    assert torch.equal(vit.pos_embed[0, 0], pretrained["pos_embed"][0, 0])  # cls row kept as is
+    assert torch.equal(vit.blocks[1].mlp.fc1.weight, pretrained["blocks.1.mlp.fc1.weight"])
+
+
+def test_empty_init_is_the_random_baseline():
+    vit = build_vit(tiny_cfg(), 10)
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    assert load_init(vit, "", log=lambda *a: None) == ([], [])
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+
+
+def test_layer_decay_scales_follow_depth():
+    cfg = tiny_cfg("finetune_demo", "train.layer_decay=0.5", "train.weight_decay=0.05")
+    vit = build_vit(cfg, 10)
+    groups = layer_decay_groups(vit, cfg)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    wd = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    depth = 3
+    assert set(scale) == {n for n, _ in vit.named_parameters()}
+    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
+        assert scale[name] == pytest.approx(0.5 ** (depth + 1)), name
+    for i in range(depth):
+        assert scale[f"blocks.{i}.attn.qkv.weight"] == pytest.approx(0.5 ** (depth - i))
+        assert scale[f"blocks.{i}.norm1.bias"] == pytest.approx(0.5 ** (depth - i))
+    for name in ("head.weight", "head.bias", "fc_norm.weight"):
+        assert scale[name] == 1.0
+    assert wd["blocks.0.attn.qkv.weight"] == 0.05 and wd["head.weight"] == 0.05
+    assert wd["blocks.0.attn.qkv.bias"] == 0.0 and wd["pos_embed"] == 0.0 and wd["cls_token"] == 0.0
+
+
+def test_loss_without_mixup_is_label_smoothed_cross_entropy():
+    cfg = tiny_cfg("finetune_demo", "train.smoothing=0.1", "train.mixup=0.0", "train.cutmix=0.0")
+    logits = torch.randn(6, 10)
+    labels = torch.arange(6)
+    loss = classification_loss(cfg, 10)(lambda x: logits, torch.zeros(6, 1, 28, 28), labels)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(loss, expected)
+
+
+def test_mixup_mixes_inputs_and_targets():
+    cfg = tiny_cfg("finetune_demo", "train.mixup=0.8", "train.cutmix=0.0", "train.smoothing=0.0")
+    seen = {}
+
+    def model(x):
+        seen["x"] = x.clone()
+        return torch.zeros(x.shape[0], 10)
+
+    images = torch.stack([torch.full((1, 28, 28), float(i)) for i in range(5)])  # odd: the last is dropped
+    original = images.clone()
+    np.random.seed(0)  # timm draws lambda from numpy
+    loss = classification_loss(cfg, 10)(model, images, torch.arange(5))
+    assert seen["x"].shape[0] == 4
+    mixed = seen["x"][:, 0, 0, 0]  # image i blended with image 3 - i: lam * i + (1 - lam) * (3 - i)
+    lam = (mixed[0] - 3) / -3
+    assert 0.0 < lam < 1.0
+    assert torch.allclose(mixed, lam * original[:4, 0, 0, 0] + (1 - lam) * original[:4, 0, 0, 0].flip(0))
+    assert loss.item() == pytest.approx(math.log(10), rel=1e-5)  # uniform logits: CE = log K for any target
+
+
+def test_mixup_needs_an_even_batch():
+    with pytest.raises(ConfigError, match="even train.batch_size"):
+        classification_loss(tiny_cfg("finetune_demo", "train.mixup=0.8", "train.batch_size=15"), 10)
+
+
+def test_best_checkpoint_keeps_the_highest_top1_across_restarts(tmp_path):
+    cfg = tiny_cfg("finetune_demo", f"output_dir={tmp_path}")
+    acc = SimpleNamespace(is_main_process=True)
+    vit = build_vit(cfg, 10)
+    quiet = lambda *a: None  # noqa: E731
+    on_eval = best_keeper(cfg, acc, quiet)
+    on_eval(vit, {"top1": 50.0, "top5": 90.0}, 10)
+    meta = json.loads((tmp_path / BEST / "meta.json").read_text())
+    assert meta["step"] == 10 and meta["top1"] == 50.0
+    on_eval(vit, {"top1": 40.0, "top5": 95.0}, 20)
+    assert json.loads((tmp_path / BEST / "meta.json").read_text())["step"] == 10
+    on_eval = best_keeper(cfg, acc, quiet)  # a resumed run reads the best score back
+    on_eval(vit, {"top1": 45.0, "top5": 95.0}, 30)
+    assert json.loads((tmp_path / BEST / "meta.json").read_text())["step"] == 10
+    on_eval(vit, {"top1": 60.0, "top5": 95.0}, 40)
+    assert json.loads((tmp_path / BEST / "meta.json").read_text())["step"] == 40
+    assert set(load_file(str(tmp_path / BEST / "model.safetensors"))) == set(vit.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST]  # no temp leftovers
+
+
+def test_linear_probe_module_keeps_the_encoder_in_eval_mode():
+    probe = LinearProbe(build_vit(tiny_cfg("linprobe_demo", task="linprobe"), 10), 10)
+    probe.train()
+    assert probe.head.training and not probe.encoder.training
+    assert not any(m.training for m in probe.encoder.modules())
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    bn = probe.head[0]
+    assert bn.weight is None and bn.bias is None and bn.eps == 1e-6
+
+
+@pytest.mark.parametrize("main, recipe", [(finetune_main, "finetune_demo"), (linprobe_main, "linprobe_demo")])
+def test_bad_init_is_a_one_line_error(tmp_path, capsys, main, recipe):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for bad in (tmp_path / "missing.pth", tmp_path / "notes.pth", tmp_path):
+        rc = main([f"recipe={recipe}", *TINY_ARGS, f"model.init={bad}", f"output_dir={tmp_path / 'out'}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, err
+        assert len(err.splitlines()) == 1 and err.startswith("error: model.init="), err
+        assert not (tmp_path / "out").exists()
+
+
+def test_linear_probe_trains_the_head_and_leaves_the_encoder_bit_equal(tmp_path, pretrained):
+    source = init_sources(tmp_path, pretrained)["run_dir"]
+    out = tmp_path / "probe"
+    rc = linprobe_main(
+        ["recipe=linprobe_demo", *TINY_ARGS, f"model.init={source}", f"output_dir={out}", "train.max_steps=4"]
+    )
+    assert rc == 0
+    after = load_file(str(out / "checkpoint-last" / "model.safetensors"))
+    for k, v in encoder_items(pretrained).items():
+        assert torch.equal(after[f"encoder.{k}"], v), k
+    assert not torch.equal(after["head.0.running_mean"], torch.zeros(32))
+    assert after["head.1.weight"].abs().max() > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and 0.0 <= rows[-1]["top1"] <= 100.0
+
+
+@pytest.mark.slow
+def test_finetune_end_to_end_evaluates_each_epoch_and_keeps_the_best(tmp_path, pretrained):
+    source = init_sources(tmp_path, pretrained)["run_dir"]
+    out = tmp_path / "ft"
+    args = [
+        "recipe=finetune_demo",
+        *TINY_ARGS,
+        "model.in_chans=3",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]",
+        "data.auto_augment=rand-m9-mstd0.5-inc1",
+        "data.reprob=0.25",
+        "train.mixup=0.8",
+        "train.cutmix=1.0",
+        "train.smoothing=0.1",
+        "train.epochs=3",
+        f"output_dir={out}",
+    ]
+    with pytest.raises(ValueError):  # a 1-channel checkpoint does not fit a 3-channel model
+        load_init(build_vit(load_config(args, task="finetune"), 10), str(source), log=lambda *a: None)
+    tiny3 = {**TINY, "in_chans": 3}
+    torch.manual_seed(2)
+    mae3 = create_mae(
+        "mae_vit_tiny_patch16", decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **tiny3
+    )
+    torch.save({"model": mae3.state_dict()}, tmp_path / "rgb.pth")
+    args.append(f"model.init={tmp_path / 'rgb.pth'}")
+    assert finetune_main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "top1" in r]
+    assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
+    best = json.loads((out / BEST / "meta.json").read_text())
+    assert best["top1"] == max(r["top1"] for r in evals)
+    weights = load_file(str(out / BEST / "model.safetensors"))
+    build_vit(load_config(args, task="finetune"), 10).load_state_dict(weights, strict=True)
+    assert finetune_main(args) == 0  # the same command again: already complete, best untouched
+    assert json.loads((out / BEST / "meta.json").read_text()) == best
