@@ -60,6 +60,7 @@ step=(--nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=
 # step. The launcher ignores it and keeps watching its workers; the training processes (which set their own
 # handler) finish the step, checkpoint, ask for the requeue and exit 0.
 status=0
+# shellcheck disable=SC2016  # expanded on each node: SLURM_NODEID is that node's rank
 srun "${step[@]}" bash -c '
     trap "" USR1
     exec accelerate launch --config_file "$MAE_LAUNCH_CONFIG" \
