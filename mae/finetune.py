@@ -165,6 +165,8 @@ def classification_loss(cfg: DictConfig, num_classes: int):
         soft_ce = SoftTargetCrossEntropy()
 
         def mixed(model, images, labels):
+            if images.shape[0] < 2:  # a batch left with one good sample has nothing to mix with
+                return F.cross_entropy(model(images).float(), labels, label_smoothing=t.smoothing)
             n = images.shape[0] - images.shape[0] % 2  # batch mixing pairs sample i with N-1-i
             images, targets = mixup(images[:n], labels[:n])
             return soft_ce(model(images).float(), targets)

@@ -40,6 +40,7 @@ TINY_ARGS = [
     "log.progress=false",
     "log.wandb=disabled",
 ]
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 HEAD = {"head.weight", "head.bias"}
 FC_NORM = {"fc_norm.weight", "fc_norm.bias"}
 
@@ -278,3 +279,37 @@ def test_finetune_end_to_end_evaluates_each_epoch_and_keeps_the_best(tmp_path, p
     build_vit(load_config(args, task="finetune"), 10).load_state_dict(weights, strict=True)
     assert finetune_main(args) == 0  # the same command again: already complete, best untouched
     assert json.loads((out / BEST / "meta.json").read_text()) == best
+
+
+FINETUNE_REFERENCE = {  # facebookresearch/mae FINETUNE.md: (blr, layer_decay, drop_path, epochs, published top-1)
+    "finetune_vit_base": (5e-4, 0.65, 0.1, 100.0, "83.6%"),
+    "finetune_vit_large": (1e-3, 0.75, 0.2, 50.0, "85.9%"),
+    "finetune_vit_huge": (1e-3, 0.75, 0.3, 50.0, "86.9%"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(FINETUNE_REFERENCE))
+def test_finetune_recipes_carry_the_reference_values(recipe):
+    c = load_config([f"recipe={recipe}"], task="finetune")
+    blr, layer_decay, drop_path, epochs, top1 = FINETUNE_REFERENCE[recipe]
+    assert (c.train.blr, c.train.layer_decay, c.model.drop_path, c.train.epochs) == (
+        blr,
+        layer_decay,
+        drop_path,
+        epochs,
+    )
+    t = c.train
+    assert (t.warmup_epochs, t.weight_decay, list(t.betas), t.min_lr) == (5.0, 0.05, [0.9, 0.999], 1e-6)
+    assert (t.mixup, t.cutmix, t.smoothing, t.optimizer) == (0.8, 1.0, 0.1, "adamw")
+    assert (c.data.reprob, c.data.auto_augment, c.model.global_pool) == (0.25, "rand-m9-mstd0.5-inc1", True)
+    header = (RECIPES / f"{recipe}.yaml").read_text().split("\nmodel:")[0]
+    assert top1 in header and f"recipe={recipe}" in header
+
+
+def test_linprobe_recipe_carries_the_reference_values():
+    c = load_config(["recipe=linprobe_vit_base"], task="linprobe")
+    t = c.train
+    assert (t.optimizer, t.blr, t.weight_decay, t.epochs, t.warmup_epochs) == ("lars", 0.1, 0.0, 90.0, 10.0)
+    assert t.batch_size * 32 == 16384 and c.model.global_pool is False and c.model.drop_path == 0.0
+    header = (RECIPES / "linprobe_vit_base.yaml").read_text().split("\nmodel:")[0]
+    assert "68.0%" in header and "75.8%" in header and "32 x A100" in header
