@@ -136,10 +136,9 @@ class MaskedAutoencoder(nn.Module):
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
-        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-        mask = torch.ones([N, L], device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, dim=1, index=ids_restore)
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, D))  # no index copy
+        # the reference's ones/zeros table gathered by ids_restore is exactly "rank in the noise >= len_keep"
+        mask = (ids_restore >= len_keep).float()
         return x_masked, mask, ids_restore
 
     # ---- stages ----------------------------------------------------------------------------------------
@@ -164,9 +163,9 @@ class MaskedAutoencoder(nn.Module):
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (N, 1 + L_keep, D), ids_restore (N, L) -> pred (N, L, p*p*C)."""
         x = self.decoder_embed(x)
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        mask_tokens = self.mask_token.expand(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no cls token
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
         x = self.decoder_norm(self._blocks(self.decoder_blocks, x))
         return self.decoder_pred(x)[:, 1:, :]
