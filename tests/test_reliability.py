@@ -383,6 +383,32 @@ def test_a_batch_of_only_bad_samples_costs_one_batch_not_the_run(tmp_path):
     assert all(np.isfinite(x["loss"]) for x in r)
 
 
+def test_fine_tuning_survives_a_batch_of_only_bad_samples(tmp_path):
+    """The same for the classification loss of fine-tuning (the shared loop, another loss)."""
+    import mae.finetune
+
+    src = tmp_path / "images"
+    for i, rgb in enumerate(good_colours(2)):
+        (src / f"c{i}").mkdir(parents=True)
+        (src / f"c{i}" / "good.png").write_bytes(_png(Image.new("RGB", (20, 20), rgb)))
+        (src / f"c{i}" / "bad.png").write_bytes(b"")
+    out = tmp_path / "run"
+    args = [a for a in tiny_rgb() if not a.startswith(("recipe=", "model.decoder"))] + [
+        "recipe=finetune_demo", "model.name=vit_tiny_patch16", f"data.train={src}", f"output_dir={out}",
+        "train.batch_size=2", "train.max_steps=12", "data.val=",
+    ]  # fmt: skip
+    cfg = load_config(args, task="finetune")
+    loader = build_train_loader(cfg.data, source=str(src), img_size=16, in_chans=3, batch_size=2,
+                                augment="finetune", seed=cfg.seed, rank=0, world_size=1)  # fmt: skip
+    assert 0 in [len(x) for e in range(6) for x, _, _ in loader.iterate(e)], (
+        "the scenario needs an all-bad batch"
+    )
+    assert mae.finetune.main(args) == 0
+    r = rows(out)
+    assert r[-1]["step"] == 12 and r[-1]["bad_samples"] == 12
+    assert all(np.isfinite(x["loss"]) for x in r)
+
+
 # ------------------------------------------------------------------------------------------------ bad commands
 
 
