@@ -29,6 +29,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mae.build import build_vit  # noqa: E402
+from mae.checkpoint import latest_checkpoint  # noqa: E402
 from mae.config import ConfigError, load_config  # noqa: E402
 from mae.data import DataError, build_eval_loader, build_train_loader  # noqa: E402
 from mae.engine import Task, TrainingError, make_accelerator, seed_everything, train  # noqa: E402
@@ -37,6 +38,7 @@ from mae.models import layer_id  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
 
 BEST = "checkpoint-best"
+NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match
 
 
 # ----------------------------------------------------------------------------- shared with linprobe
@@ -45,7 +47,8 @@ BEST = "checkpoint-best"
 def load_init(model: nn.Module, source: str, log=print) -> tuple[list[str], list[str]]:
     """Load `model.init` (a run dir, a checkpoint dir, a reference `.pth`, a timm file) into the ViT's
     encoder; position tables are interpolated (bicubic) when the patch grid differs. Returns and prints
-    (missing, unexpected) keys; the head (and fc_norm under global pooling) is expected to be missing."""
+    (missing, unexpected) keys; the head (and fc_norm under global pooling) is expected to be missing, and
+    any other missing or unexpected key (another depth, say) is an error."""
     if not source:
         log("model.init is empty: random initialisation (training from scratch)")
         return [], []
@@ -62,10 +65,27 @@ def load_init(model: nn.Module, source: str, log=print) -> tuple[list[str], list
         raise ConfigError(
             f"model.init={source!r} cannot be loaded into {type(model).__name__}: {first}"
         ) from e
+    stray = [k for k in (*missing, *unexpected) if not k.startswith(NEW_OR_DROPPED)]
+    if stray:
+        what = "lacks" if stray[0] in missing else "has extra"
+        more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
+        raise ConfigError(
+            f"model.init={source!r} {what} encoder weights {', '.join(stray[:3])}{more}: "
+            "set model.name / depth / embed_dim / patch_size to the checkpoint's"
+        )
     log(f"initialised from {source}")
     log(f"  missing keys (newly initialised): {', '.join(missing) or 'none'}")
     log(f"  unexpected keys (ignored): {', '.join(unexpected) or 'none'}")
     return list(missing), list(unexpected)
+
+
+def init_encoder(model: nn.Module, cfg: DictConfig, log=print) -> None:
+    """load_init(model.init), unless this run resumes: its checkpoint holds the weights (and model.init may
+    have moved since)."""
+    if cfg.checkpoint.resume and latest_checkpoint(cfg.output_dir) is not None:
+        log(f"resuming in {cfg.output_dir}: weights come from its checkpoint, model.init is not read")
+        return
+    load_init(model, cfg.model.init, log)
 
 
 def num_classes_of(cfg: DictConfig, loader) -> int:
@@ -194,7 +214,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     num_classes = num_classes_of(cfg, loader)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_vit(cfg, num_classes)
-    load_init(model, cfg.model.init, log)
+    init_encoder(model, cfg, log)
     seed_everything(cfg.seed, acc.process_index)
     loss = classification_loss(cfg, num_classes)
     return Task(

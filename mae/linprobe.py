@@ -28,7 +28,7 @@ from mae.build import build_vit  # noqa: E402
 from mae.config import ConfigError, load_config  # noqa: E402
 from mae.data import DataError, build_train_loader  # noqa: E402
 from mae.engine import Task, TrainingError, make_accelerator, seed_everything, train  # noqa: E402
-from mae.finetune import best_keeper, load_init, num_classes_of, val_evaluator  # noqa: E402
+from mae.finetune import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         raise ConfigError("model.drop_path must be 0 for linear probing (the encoder is frozen)")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     vit = build_vit(cfg, num_classes)
-    load_init(vit, cfg.model.init, log)
+    init_encoder(vit, cfg, log)
     model = LinearProbe(vit, num_classes)
     seed_everything(cfg.seed, acc.process_index)
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,6 +125,16 @@ def test_init_from_another_image_size_resizes_the_position_table(tmp_path, pretr
     assert torch.equal(vit.blocks[1].mlp.fc1.weight, pretrained["blocks.1.mlp.fc1.weight"])
 
 
+@pytest.mark.parametrize("depth", [2, 4])
+def test_init_of_another_depth_is_an_error_naming_the_blocks(tmp_path, pretrained, depth):
+    source = init_sources(tmp_path, pretrained)["run_dir"]
+    vit = build_vit(tiny_cfg("finetune_demo", f"model.depth={depth}"), 10)
+    with pytest.raises(
+        ConfigError, match=f"model.init=.*(lacks|has extra) encoder weights blocks.{min(depth, 3)}"
+    ):
+        load_init(vit, str(source), log=lambda *a: None)
+
+
 def test_empty_init_is_the_random_baseline():
     vit = build_vit(tiny_cfg(), 10)
     before = {k: v.clone() for k, v in vit.state_dict().items()}
@@ -239,6 +250,18 @@ def test_linear_probe_trains_the_head_and_leaves_the_encoder_bit_equal(tmp_path,
     assert after["head.1.weight"].abs().max() > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and 0.0 <= rows[-1]["top1"] <= 100.0
+    shutil.rmtree(source)  # a resumed run takes its weights from its own checkpoint, not from model.init
+    args = [
+        "recipe=linprobe_demo",
+        *TINY_ARGS,
+        f"model.init={source}",
+        f"output_dir={out}",
+        "train.max_steps=6",
+    ]
+    assert linprobe_main(args) == 0
+    after = load_file(str(out / "checkpoint-last" / "model.safetensors"))
+    assert all(torch.equal(after[f"encoder.{k}"], v) for k, v in encoder_items(pretrained).items())
+    assert json.loads((out / "checkpoint-last" / "meta.json").read_text())["step"] == 6
 
 
 @pytest.mark.slow
