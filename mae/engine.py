@@ -83,6 +83,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     if cfg.log.wandb not in ("online", "offline", "disabled"):
         raise ConfigError(f"log.wandb={cfg.log.wandb!r}: expected online, offline or disabled")
     _reset_single_process_state()
+    STOP.install()
     return Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
         log_with="wandb" if cfg.log.wandb != "disabled" else None,
@@ -124,6 +125,9 @@ class _Stop:
         self._old = {}
 
     def install(self) -> None:
+        if self._old:
+            return
+        self.signum = 0
         for s in (signal.SIGUSR1, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handle)
 
@@ -133,6 +137,12 @@ class _Stop:
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
+
+
+# Installed as soon as an entry point makes its Accelerator, so that a signal arriving while the model and
+# data are still being built is not lost: the loop sees it at its first step.
+STOP = _Stop()
 
 
 def _peak_mem_gb(device: torch.device) -> float:
@@ -175,7 +185,7 @@ class Trainer:
         self.derived: Derived = derive(cfg, accelerator.num_processes, task.loader.steps_per_epoch)
         self.step = 0
         self.bad_samples = 0
-        self.stop = _Stop()
+        self.stop = STOP
         self._ctrl_group = None
         # Fault injection for the reliability tests (read at run time, never at import):
         # MAE_FAULT_NAN_STEP=k makes the loss of step k non-finite; MAE_FAULT_CKPT_DELAY=s sleeps s
@@ -337,7 +347,7 @@ class Trainer:
         model = torch.compile(self.raw_model) if cfg.train.compile else self.raw_model
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self._init_trackers()
-        self.stop.install()
+        self.stop.install()  # no-op when make_accelerator did it
         try:
             return self._loop()
         finally:
@@ -491,7 +501,10 @@ def _progress(cfg: DictConfig, acc: Accelerator, total: int, initial: int):
 
 
 def train(cfg: DictConfig, accelerator: Accelerator, task: Task) -> int:
-    return Trainer(cfg, accelerator, task).run()
+    try:
+        return Trainer(cfg, accelerator, task).run()
+    finally:
+        STOP.restore()
 
 
 def seed_everything(seed: int, rank: int) -> None:
