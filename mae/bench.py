@@ -120,26 +120,29 @@ def _rss_hwm_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak, or the process's resident peak (Linux) on CPU,
-    reset before the block by /proc/self/clear_refs; `baseline` is the usage when the block began."""
+    """Peak memory of a block: the CUDA allocator's peak, or on CPU the process's resident peak (Linux
+    VmHWM, reset through /proc/self/clear_refs). `baseline` is the usage when the block began; `reset()`
+    restarts the peak from the current usage (after warm-up, so compilation does not count)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.baseline = self.peak = 0
 
-    def __enter__(self):
+    def reset(self) -> int:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so the reset starts low
-            with contextlib.suppress(OSError):
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            self.baseline = _rss_hwm_bytes()
+            return torch.cuda.memory_allocated(self.device)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so the reset starts low
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return _rss_hwm_bytes()
+
+    def __enter__(self):
+        self.baseline = self.reset()
         return self
 
     def __exit__(self, *exc):
@@ -182,7 +185,7 @@ class StepResult:
     mfu_measured: float = 0.0  # against the same-run GEMM peak of this dtype
     mfu_nominal: float | None = None  # against --peak-tflops
     peak_mem_gb: float = 0.0
-    mem_per_img_mb: float = 0.0  # (peak - usage before the model was built) / batch
+    mem_per_img_mb: float = 0.0  # (peak of the timed steps - usage before the model was built) / batch
     gflop_per_img: float = 0.0
     loss: float = 0.0
     error: str = ""
@@ -241,6 +244,7 @@ def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, w
         for _ in range(warmup):
             step(images)
         _sync(device)
+        mem.reset()
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = step(images)
