@@ -299,7 +299,10 @@ def bench_data(
 
 
 def _split(value: str, kind=str) -> list:
-    return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+    try:
+        return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
 
 
 def _on_off(value: str) -> bool:
@@ -322,6 +325,9 @@ def parse_args(argv):
     p.add_argument("--compile", default="off", help="comma list of on/off (torch.compile of the model)")
     p.add_argument("--optimizer", default="fused", help=f"comma list of {', '.join(OPTIMIZERS)}")
     p.add_argument("--grad-ckpt", default="off", help="comma list of on/off (activation checkpointing)")
+    p.add_argument("--config", action="append", default=[], metavar="'KEY=V KEY=V'",
+                   help="an explicit configuration instead of the grid (repeatable); keys: " + ", ".join(CONFIG_KEYS)
+                   + "; unset keys take the first value of their flag")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--rounds", type=int, default=1, help="round-robin repeats; the best round is reported")
@@ -404,20 +410,48 @@ def step_configs(args, defaults: dict, device: torch.device) -> list[StepConfig]
     for a in _split(args.attn):
         if a not in ("sdpa", "math", "xformers"):
             raise BenchError(f"--attn {a!r}: expected sdpa, math or xformers")
-    grid = itertools.product(
-        _split(args.batch or defaults["batch"], int),
-        _split(args.img_size or defaults["img_size"], int),
-        _split(args.mask_ratio or defaults["mask_ratio"], float),
-        resolve_dtypes(args.dtype, device),
-        _split(args.attn),
-        [_on_off(v) for v in _split(args.compile)],
-        _split(args.optimizer),
-        [_on_off(v) for v in _split(args.grad_ckpt)],
-    )
+    axes = {
+        "batch": _split(args.batch or defaults["batch"], int),
+        "img_size": _split(args.img_size or defaults["img_size"], int),
+        "mask_ratio": _split(args.mask_ratio or defaults["mask_ratio"], float),
+        "dtype": resolve_dtypes(args.dtype, device),
+        "attn": _split(args.attn),
+        "compile": [_on_off(v) for v in _split(args.compile)],
+        "optimizer": _split(args.optimizer),
+        "grad_ckpt": [_on_off(v) for v in _split(args.grad_ckpt)],
+    }
+    if not args.config:
+        return [StepConfig(**dict(zip(axes, values))) for values in itertools.product(*axes.values())]
     return [
-        StepConfig(batch=b, img_size=s, mask_ratio=m, dtype=d, attn=a, compile=c, optimizer=o, grad_ckpt=g)
-        for b, s, m, d, a, c, o, g in grid
+        StepConfig(**{**{k: v[0] for k, v in axes.items()}, **_parse_config(c, device)}) for c in args.config
     ]
+
+
+CONFIG_KEYS = ("batch", "img_size", "mask_ratio", "dtype", "attn", "compile", "optimizer", "grad_ckpt")
+
+
+def _parse_config(text: str, device: torch.device) -> dict:
+    """'dtype=bf16 attn=math compile=on' -> StepConfig fields (checked like the flags)."""
+    out = {}
+    for item in text.replace(",", " ").split():
+        key, _, value = item.partition("=")
+        if key not in CONFIG_KEYS or not value:
+            raise BenchError(
+                f"--config {text!r}: {item!r} is not KEY=VALUE with KEY in {', '.join(CONFIG_KEYS)}"
+            )
+        if key in ("batch", "img_size"):
+            (out[key],) = _split(value, int)
+        elif key == "mask_ratio":
+            (out[key],) = _split(value, float)
+        elif key in ("compile", "grad_ckpt"):
+            out[key] = _on_off(value)
+        elif key == "dtype":
+            (out[key],) = resolve_dtypes(value, device)
+        else:
+            if value not in (OPTIMIZERS if key == "optimizer" else ("sdpa", "math", "xformers")):
+                raise BenchError(f"--config {text!r}: unknown {key} {value!r}")
+            out[key] = value
+    return out
 
 
 def run_bench(args) -> dict:

@@ -103,6 +103,19 @@ def test_cli_measures_every_combination(tmp_path, capsys):
     assert "MFU nom" in table and table.count(" math ") == 2 and table.count(" sdpa ") == 2
 
 
+def test_cli_explicit_configs_fill_unset_keys_from_the_flags(tmp_path):
+    out = tmp_path / "configs.json"
+    rc = main([*TINY, "--batch", "2", "--dtype", "fp32", "--attn", "sdpa", "--warmup", "0", "--json", str(out),
+               "--config", "attn=math optimizer=forloop", "--config", "batch=3 mask_ratio=0.5"])  # fmt: skip
+    assert rc == 0
+    got = [r["config"] for r in json.loads(out.read_text())["results"]]
+    assert [(c["attn"], c["optimizer"], c["batch"], c["mask_ratio"]) for c in got] == [
+        ("math", "forloop", 2, 0.75),
+        ("sdpa", "fused", 3, 0.5),
+    ]
+    assert all(c["dtype"] == "fp32" and not c["compile"] for c in got)
+
+
 def test_cli_takes_model_batch_and_mask_from_a_recipe(tmp_path):
     out = tmp_path / "demo.json"
     rc = main(["--recipe", "demo", "model.depth=1", "--batch", "4", "--steps", "1", "--warmup", "0",
@@ -128,6 +141,10 @@ def test_cli_takes_model_batch_and_mask_from_a_recipe(tmp_path):
         (["--recipe", "nope"], "recipe 'nope' not found"),
         (["--recipe", "demo", "model.dept=2"], "model.dept"),
         (["--steps", "0"], "--steps"),
+        (["--config", "attn=flash"], "unknown attn 'flash'"),
+        (["--config", "colour=red"], "'colour=red' is not KEY=VALUE"),
+        (["--batch", "8,x"], "'8,x' is not a comma-separated list of int"),
+        (["--config", "mask_ratio=high"], "'high' is not a comma-separated list of float"),
     ],
 )
 def test_cli_bad_input_is_one_line(argv, message, capsys):
