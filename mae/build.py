@@ -23,7 +23,7 @@ def model_overrides(cfg: DictConfig, for_mae: bool = True) -> dict:
     patch = m.patch_size or default_patch_size(m.name)
     if m.img_size % patch:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch}")
-    if len(cfg.data.mean) != m.in_chans or len(cfg.data.std) != m.in_chans:
+    if len(cfg.data.mean) not in (1, m.in_chans) or len(cfg.data.std) not in (1, m.in_chans):
         raise ConfigError(
             f"data.mean/data.std have {len(cfg.data.mean)}/{len(cfg.data.std)} values but model.in_chans={m.in_chans}"
         )

@@ -159,7 +159,9 @@ def commit(tmp: Path, keep: int) -> Path:
     _fsync_dir(final.parent)
     if keep > 0:
         for _, old in list_checkpoints(final.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(old.name + ".tmp")  # renamed first: a kill mid-delete leaves only a *.tmp
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -221,44 +221,69 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
-        """All ranks: write an atomic checkpoint of the current step."""
+        """All ranks: write an atomic checkpoint of the current step. A write failure on any rank stops
+        every rank (no rank waits forever at a barrier) and leaves the previous checkpoint as it was."""
         self._check_finite()
         tmp = ckpt.tmp_dir(self.out, self.step)
-        err = None
-        try:
-            if self.acc.is_main_process:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-            self.acc.wait_for_everyone()
-            ckpt.write_rank_files(tmp, self.acc.process_index)
-            if self.fault_ckpt_delay:
-                time.sleep(self.fault_ckpt_delay)
-            if self.acc.is_main_process:
-                train_state = {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                    "step": self.step,
-                    "epoch": self.step // self.derived.steps_per_epoch,
-                    "bad_samples": self.bad_samples,
-                    "world_size": self.acc.num_processes,
-                }
-                meta = {"step": self.step, "epoch": train_state["epoch"], "task": self.cfg.task}
-                ckpt.write_main_files(tmp, self.raw_model.state_dict(), train_state, meta)
-            self.acc.wait_for_everyone()
-            final = tmp.with_name(tmp.name[: -len(".tmp")])
-            if self.acc.is_main_process:
-                final = ckpt.commit(tmp, self.cfg.checkpoint.keep)
-        except OSError as e:
-            err = e
-        if err is not None:
-            raise TrainingError(
-                f"checkpoint write at step {self.step} failed ({err}); the previous checkpoint is intact"
-            )
+        main = self.acc.is_main_process
+        err: OSError | None = None
+
+        def attempt(fn) -> None:
+            nonlocal err
+            if err is None:
+                try:
+                    fn()
+                except OSError as e:
+                    err = e
+
+        if main:
+            attempt(lambda: (shutil.rmtree(tmp) if tmp.exists() else None, tmp.mkdir(parents=True)))
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process and self.task.on_checkpoint is not None:
+        attempt(lambda: ckpt.write_rank_files(tmp, self.acc.process_index))
+        if self.fault_ckpt_delay:
+            time.sleep(self.fault_ckpt_delay)
+        if main:
+            attempt(self._write_main_files)
+        self._raise_if_any_failed(err)
+        final = tmp.with_name(tmp.name[: -len(".tmp")])
+        if main:
+            attempt(lambda: ckpt.commit(tmp, self.cfg.checkpoint.keep))
+        self._raise_if_any_failed(err)
+        if main and self.task.on_checkpoint is not None:
             self.task.on_checkpoint(self.raw_model, final, self.step)
         return final
+
+    def _write_main_files(self) -> None:
+        train_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+            "step": self.step,
+            "epoch": self.step // self.derived.steps_per_epoch,
+            "bad_samples": self.bad_samples,
+            "world_size": self.acc.num_processes,
+        }
+        meta = {"step": self.step, "epoch": train_state["epoch"], "task": self.cfg.task}
+        ckpt.write_main_files(
+            ckpt.tmp_dir(self.out, self.step), self.raw_model.state_dict(), train_state, meta
+        )
+
+    def _raise_if_any_failed(self, err: OSError | None) -> None:
+        failed = self._any_rank(err is not None)
+        if failed:
+            why = f" ({err})" if err is not None else " on another process"
+            raise TrainingError(
+                f"checkpoint write at step {self.step} failed{why}; the previous checkpoint is intact"
+            )
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (a CPU gloo exchange; also a barrier)."""
+        if self.acc.num_processes == 1:
+            return flag
+        if self._ctrl_group is None:
+            self._ctrl_group = dist.new_group(backend="gloo")
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctrl_group)
+        return bool(t.item())
 
     # ---- checks
 

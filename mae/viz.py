@@ -46,8 +46,10 @@ def reconstruct(
 def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
     """(C, H, W) normalised -> (H, W, 3) uint8."""
     c = x.shape[0]
-    mean = torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(c, 1, 1)
+    mean = (
+        torch.tensor(list(mean), dtype=torch.float32).expand(c).reshape(c, 1, 1)
+    )  # one value: every channel
+    std = torch.tensor(list(std), dtype=torch.float32).expand(c).reshape(c, 1, 1)
     img = (x.float().cpu() * std + mean).clamp(0, 1)
     img = img[:3] if c >= 3 else img[:1].expand(3, -1, -1)
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
