@@ -359,7 +359,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtypes(value: str, device: torch.device) -> list[str]:
-    from mae.engine import resolve_precision
+    from mae.runtime import resolve_precision
 
     out = []
     for d in _split(value):

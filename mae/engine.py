@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from torch import nn
 from mae import checkpoint as ckpt
 from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
 from mae.optim import build_optimizer, lr_at, set_lr
+from mae.runtime import STOP, fmt_time, peak_mem_gb, request_requeue
 
 
 class TrainingError(RuntimeError):
@@ -54,54 +53,6 @@ class Task:
 # ----------------------------------------------------------------------------- setup
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def resolve_precision(precision: str, on_cuda: bool) -> str:
-    """'auto' -> bf16 where the hardware runs it natively (recent GPUs; CPUs with avx512_bf16/AMX)."""
-    if precision == "auto":
-        if on_cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    if precision == "fp16" and not on_cuda:
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision={precision!r}: expected auto, bf16, fp16 or fp32")
-    return precision
-
-
-def make_accelerator(cfg: DictConfig) -> Accelerator:
-    on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
-        "1",
-        "true",
-    )
-    precision = resolve_precision(cfg.train.precision, on_cuda)
-    if cfg.log.wandb not in ("online", "offline", "disabled"):
-        raise ConfigError(f"log.wandb={cfg.log.wandb!r}: expected online, offline or disabled")
-    _reset_single_process_state()
-    STOP.install()
-    return Accelerator(
-        mixed_precision={"fp32": "no"}.get(precision, precision),
-        log_with="wandb" if cfg.log.wandb != "disabled" else None,
-        project_dir=cfg.output_dir,
-        cpu=not on_cuda,
-    )
-
-
-def _reset_single_process_state() -> None:
-    """Accelerate keeps one global state per process; a second in-process run (tests, notebooks) may
-    need another precision. Only a non-distributed state is reset: a process group is never torn down."""
-    from accelerate.state import AcceleratorState, DistributedType
-
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("distributed_type", DistributedType.NO) == DistributedType.NO:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def prepare_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path | None:
     """Validate the run directory and return the checkpoint to resume from (None = fresh start)."""
     out = Path(cfg.output_dir)
@@ -115,62 +66,6 @@ def prepare_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path | None
         )
     accelerator.wait_for_everyone()
     return latest if cfg.checkpoint.resume else None
-
-
-class _Stop:
-    """Signal flag: SIGUSR1 (time limit ahead: checkpoint, requeue) or SIGTERM (checkpoint, exit)."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old = {}
-
-    def install(self) -> None:
-        if self._old:
-            return
-        self.signum = 0
-        for s in (signal.SIGUSR1, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
-
-
-# Installed as soon as an entry point makes its Accelerator, so that a signal arriving while the model and
-# data are still being built is not lost: the loop sees it at its first step.
-STOP = _Stop()
-
-
-def _peak_mem_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def _fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def request_requeue(max_requeues: int) -> str:
-    """Ask SLURM to requeue this job (rank 0 only), unless it has been requeued too often."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return "not under SLURM: no requeue"
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    if restarts >= max_requeues:
-        return f"requeued {restarts} times already (checkpoint.max_requeues={max_requeues}): not requeueing"
-    try:
-        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scontrol requeue {job} failed: {e}"
-    if r.returncode != 0:
-        return f"scontrol requeue {job} failed: {r.stderr.strip()}"
-    return f"requeued SLURM job {job} (restart {restarts + 1} of at most {max_requeues})"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -453,11 +348,11 @@ class Trainer:
                         / self.optimizer.param_groups[0].get("lr_scale", 1.0),
                         "img_per_s": round(rate, 2),
                         "bad_samples": self.bad_samples,
-                        "peak_mem_gb": round(_peak_mem_gb(acc.device), 3),
+                        "peak_mem_gb": round(peak_mem_gb(acc.device), 3),
                     }
                     self.log(
                         f"step {self.step}/{d.total_steps} epoch {row['epoch']:.2f} loss {mean_loss:.4f} "
-                        f"lr {row['lr']:.3g} {rate:.1f} img/s ETA {_fmt_time(eta)} peak {row['peak_mem_gb']:.2f} GB"
+                        f"lr {row['lr']:.3g} {rate:.1f} img/s ETA {fmt_time(eta)} peak {row['peak_mem_gb']:.2f} GB"
                         + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
                     )
                     loss_sum.zero_()

@@ -32,10 +32,11 @@ from mae.build import build_vit  # noqa: E402
 from mae.checkpoint import latest_checkpoint  # noqa: E402
 from mae.config import ConfigError, load_config  # noqa: E402
 from mae.data import DataError, build_eval_loader, build_train_loader  # noqa: E402
-from mae.engine import Task, TrainingError, make_accelerator, seed_everything, train  # noqa: E402
+from mae.engine import Task, TrainingError, seed_everything, train  # noqa: E402
 from mae.evaluation import classifier_accuracy  # noqa: E402
 from mae.models import layer_id  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
+from mae.runtime import make_accelerator  # noqa: E402
 
 BEST = "checkpoint-best"
 NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match

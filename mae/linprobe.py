@@ -27,9 +27,10 @@ from torch import nn  # noqa: E402
 from mae.build import build_vit  # noqa: E402
 from mae.config import ConfigError, load_config  # noqa: E402
 from mae.data import DataError, build_train_loader  # noqa: E402
-from mae.engine import Task, TrainingError, make_accelerator, seed_everything, train  # noqa: E402
+from mae.engine import Task, TrainingError, seed_everything, train  # noqa: E402
 from mae.finetune import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
+from mae.runtime import make_accelerator  # noqa: E402
 
 
 class LinearProbe(nn.Module):

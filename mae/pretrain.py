@@ -21,9 +21,10 @@ from omegaconf import DictConfig  # noqa: E402
 from mae.build import build_mae  # noqa: E402
 from mae.config import ConfigError, load_config  # noqa: E402
 from mae.data import DataError, build_eval_loader, build_train_loader, train_split  # noqa: E402
-from mae.engine import Task, TrainingError, make_accelerator, seed_everything, train  # noqa: E402
+from mae.engine import Task, TrainingError, seed_everything, train  # noqa: E402
 from mae.evaluation import extract_features, knn_top1, mean_patch_features  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
+from mae.runtime import make_accelerator  # noqa: E402
 from mae.viz import save_reconstructions  # noqa: E402
 
 

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from mae.config import load_config
-from mae.engine import Task, make_accelerator, train
+from mae.engine import Task, train
 from mae.optim import lr_at, param_groups
+from mae.runtime import make_accelerator
 
 
 class StubLoader:
