@@ -514,8 +514,9 @@ def _device_name(device: torch.device) -> str:
 
 def format_table(report: dict) -> str:
     peaks = ", ".join(f"{k} {v:.3f}" for k, v in report["matmul_peak_tflops"].items())
+    recipe = f" (recipe {report['recipe']})" if report["recipe"] else ""
     lines = [
-        f"{report['model']} on {report['device']}, {report['threads']} threads, torch {report['torch']}; "
+        f"{report['model']}{recipe} on {report['device']}, {report['threads']} threads, torch {report['torch']}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up, best of {report['rounds']} round(s)",
         f"measured GEMM peak ({report['matmul_size']}^3) TFLOP/s: {peaks}",
     ]
@@ -564,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             report = run_data(args)
             print(f"input pipeline, {report['img_size']} px, batch {report['batch']}, MAE augmentation:")
             for r in report["data"]:
-                print(f"  {r['source']}: {r['img_per_s']:.1f} img/s with {r['workers']} worker(s) = "
+                where = (
+                    f"{r['workers']} worker processes" if r["workers"] else "the main process (one worker)"
+                )
+                print(f"  {r['source']}: {r['img_per_s']:.1f} img/s in {where} = "
                       f"{r['img_per_s_per_worker']:.1f} img/s per worker")  # fmt: skip
         else:
             report = run_bench(args)
