@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT_DIR=${1:-bench_scaling}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-60}   # optimizer steps per run; the first logged window (warm-up) is left out
+EVERY=${EVERY:-20}
 mkdir -p "$OUT_DIR"
-COMMON=(recipe=demo data.val= log.knn_every_steps=0 log.viz_images=0 log.every_steps=20 log.progress=false
+COMMON=(recipe=demo data.val= log.knn_every_steps=0 log.viz_images=0 log.every_steps="$EVERY" log.progress=false
         train.max_steps="$STEPS" checkpoint.every_steps=100000 checkpoint.resume=false)
 
 rate() {  # mean img/s over the logged windows after the first (warm-up) one
@@ -21,8 +22,9 @@ rm -rf "$OUT_DIR/p1" "$OUT_DIR/p2"
 ACCELERATE_USE_CPU=1 "$(dirname "$PY")/accelerate" launch --multi_gpu --num_processes 2 --num_machines 1 \
     --mixed_precision no --dynamo_backend no mae/pretrain.py "${COMMON[@]}" train.batch_size=128 \
     output_dir="$OUT_DIR/p2" > "$OUT_DIR/p2.log" 2>&1
-echo "demo recipe, global batch 256, steps 21-$STEPS: 1 process $(rate "$OUT_DIR/p1") img/s, 2 processes $(rate "$OUT_DIR/p2") img/s"
+echo "demo recipe, global batch 256, steps $((EVERY + 1))-$STEPS: 1 process $(rate "$OUT_DIR/p1") img/s, 2 processes $(rate "$OUT_DIR/p2") img/s"
 
+[ "${BENCH:-1}" = 1 ] || exit 0
 "$PY" -m mae.bench --batch 16 --dtype bf16 --img-size 112,224,320 --steps 5 --warmup 2 \
     --json "$OUT_DIR/img_size.json" | tee "$OUT_DIR/img_size.txt"
 "$PY" -m mae.bench --batch 16 --dtype bf16 --mask-ratio 0.5,0.75,0.9 --steps 5 --warmup 2 \
