@@ -18,7 +18,7 @@ GROUPS = {
                "aten::convolution_backward", "aten::_convolution"),
     "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                          "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-    "dtype casts": ("aten::copy_", "aten::_to_copy"),
+    "copies (dtype casts, layouts)": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"),
     "optimizer": ("aten::_fused_adamw_", "aten::_foreach_", "Optimizer.step"),
     "layer norm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
     "gelu / softmax": ("aten::gelu", "aten::gelu_backward", "aten::_softmax", "aten::_softmax_backward_data"),
