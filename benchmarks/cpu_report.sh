@@ -37,6 +37,9 @@ echo "== 2. demo recipe at its batch size"
 "$PY" -m mae.bench --data fashion-mnist synthetic --img-size 28 --in-chans 1 --batch 256 --data-batches 10 \
     --json "$OUT_DIR/demo_data.json" | tee "$OUT_DIR/demo_data.txt"
 
+"$PY" benchmarks/profile_step.py --recipe demo --batch "$DEMO_B" --dtype bf16 2>/dev/null | tee "$OUT_DIR/demo_profile.txt"
+"$PY" benchmarks/profile_step.py "${B[@]:0:4}" --batch 16 --dtype bf16 2>/dev/null | tee "$OUT_DIR/vit_base_profile.txt"
+
 echo "== 3. scaling"
 if [ "${QUICK:-0}" != 1 ]; then
     bash benchmarks/scaling.sh "$OUT_DIR/scaling" | tee "$OUT_DIR/scaling.txt"
