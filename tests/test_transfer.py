@@ -325,6 +325,7 @@ def test_finetune_recipes_carry_the_reference_values(recipe):
     assert (t.warmup_epochs, t.weight_decay, list(t.betas), t.min_lr) == (5.0, 0.05, [0.9, 0.999], 1e-6)
     assert (t.mixup, t.cutmix, t.smoothing, t.optimizer) == (0.8, 1.0, 0.1, "adamw")
     assert (c.data.reprob, c.data.auto_augment, c.model.global_pool) == (0.25, "rand-m9-mstd0.5-inc1", True)
+    assert c.data.scale_min == 0.08
     header = (RECIPES / f"{recipe}.yaml").read_text().split("\nmodel:")[0]
     assert top1 in header and f"recipe={recipe}" in header
 
