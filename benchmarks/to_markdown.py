@@ -30,7 +30,7 @@ def main() -> None:
             continue
         print(f"| {c['dtype']} | {r['attn_used']} | {c['optimizer']} | {'on' if c['compile'] else 'off'} | "
               f"{'on' if c['grad_ckpt'] else 'off'} | {c['batch']} | {c['img_size']} | {c['mask_ratio']:g} | "
-              f"{r['img_per_s']:.2f} | {r['img_per_s'] / ref:.2f}x | {r["tflops"] * 1e3:.0f} | "
+              f"{r['img_per_s']:.2f} | {r['img_per_s'] / ref:.2f}x | {r['tflops'] * 1e3:.0f} | "
               f"{100 * r['mfu_measured']:.1f}% | {r['peak_mem_gb']:.2f} | {r['mem_per_img_mb']:.0f} |")  # fmt: skip
 
 
