@@ -31,6 +31,7 @@ TINY_ARGS = [
     "data.train=synthetic",
     "data.val=synthetic",
     "data.synthetic_samples=64",
+    "data.epoch_samples=0",
     "data.num_workers=0",
     "data.mean=[0.5]",
     "data.std=[0.25]",
