@@ -119,6 +119,8 @@ def best_keeper(cfg: DictConfig, acc: Accelerator, log=print):
     (written to a temp dir, then renamed; the best score so far is read back on resume)."""
     out = Path(cfg.output_dir)
     meta_path = out / BEST / "meta.json"
+    if acc.is_main_process and not (out / BEST).exists() and (out / f"{BEST}.old").is_dir():
+        os.replace(out / f"{BEST}.old", out / BEST)  # a kill landed between the two renames of save_best
     best = {"top1": json.loads(meta_path.read_text())["top1"] if meta_path.is_file() else float("-inf")}
 
     def on_eval(model: nn.Module, metrics: dict, step: int) -> None:
