@@ -323,3 +323,16 @@ def test_bare_builtin_name_is_train_split_for_training_and_test_split_for_eval()
     loader = build_train_loader(cfg, source="synthetic", augment="none", seed=0, **dict(kw, batch_size=5))
     first = torch.cat([x for x, _, _ in loader.iterate(0)])
     assert any(torch.equal(first[0], t) for t in train)  # the training loader reads the train split
+
+
+def test_every_training_crop_honours_scale_min():
+    from mae.config import load_config
+    from mae.data import build_transform
+
+    for augment, in_chans in (("mae", 3), ("linprobe", 3), ("finetune", 3), ("finetune", 1)):
+        cfg = load_config(
+            ["data.scale_min=0.35", f"model.in_chans={in_chans}", "data.mean=[0.5]", "data.std=[0.5]"]
+        )
+        t = build_transform(cfg.data, augment, 32, in_chans)
+        crops = [x for x in t.transforms if "RandomResizedCrop" in type(x).__name__]
+        assert [tuple(c.scale) for c in crops] == [(0.35, 1.0)], (augment, in_chans)

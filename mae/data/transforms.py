@@ -43,7 +43,8 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
     mae:      RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference pretraining.
     finetune: timm's create_transform (RandAugment, random erasing) for RGB; grayscale goes through RGB for
               RandAugment and back; RGBA gets crop + flip + erasing (RandAugment's ops are defined for RGB).
-    linprobe: RandomResizedCrop(default scale, bicubic) + flip, as the reference linear probe.
+    linprobe: RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference linear probe.
+    Every training crop honours data.scale_min (the reference: 0.2 pretraining, 0.08 fine-tuning / probing).
     none:     the eval transform: resize to img_size / crop_pct, center crop.
     """
     if augment not in AUGMENTS:
@@ -60,7 +61,8 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
             ]
         )
     if augment == "linprobe":
-        return T.Compose([T.RandomResizedCrop(img_size, interpolation=BICUBIC), *flip, *tail])
+        crop = T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
+        return T.Compose([crop, *flip, *tail])
     if augment == "finetune":
         return _finetune_transform(cfg, img_size, in_chans, mean, std)
     return eval_transform(img_size, mean, std, cfg.crop_pct)
@@ -81,10 +83,11 @@ def _finetune_transform(cfg, img_size: int, in_chans: int, mean, std):
     aa = str(cfg.auto_augment or "") or None
     if in_chans == 3:
         return create_transform(
-            img_size, is_training=True, color_jitter=None, auto_augment=aa, interpolation="bicubic",
+            img_size, is_training=True, scale=(float(cfg.scale_min), 1.0), color_jitter=None, auto_augment=aa,
+            interpolation="bicubic",
             re_prob=float(cfg.reprob), re_mode="pixel", re_count=1, mean=mean, std=std, hflip=0.5 if cfg.hflip else 0.0,
         )  # fmt: skip
-    steps = [T.RandomResizedCrop(img_size, interpolation=BICUBIC)]
+    steps = [T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)]
     steps += [T.RandomHorizontalFlip()] if cfg.hflip else []
     if aa and in_chans == 1:
         rgb_aa = create_transform(img_size, is_training=True, auto_augment=aa, color_jitter=None).transforms
