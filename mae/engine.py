@@ -430,3 +430,36 @@ def train(cfg: DictConfig, accelerator: Accelerator, task: Task) -> int:
 def seed_everything(seed: int, rank: int) -> None:
     """Seed python/numpy/torch per process (data workers derive their own from the data seed)."""
     set_seed(seed + rank)
+
+
+def run_entry(
+    task_name: str, argv: list[str] | None, build_task: Callable[[DictConfig, object], Task]
+) -> int:
+    """The body of every entry point's `main`: config -> Accelerator -> task -> the loop. User errors (config,
+    data, command line) print one line and return 2; a run that cannot go on returns 1."""
+    from mae.config import load_config
+    from mae.data import DataError
+    from mae.runtime import make_accelerator
+
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv, task=task_name)
+        acc = make_accelerator(cfg)
+        seed_everything(cfg.seed, acc.process_index)
+        rc = train(cfg, acc, build_task(cfg, acc))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if rc == 0 and acc.is_main_process:
+        out = Path(cfg.output_dir)
+        for name, label in (
+            ("metrics.jsonl", "metrics"),
+            ("checkpoint-last", "checkpoint"),
+            ("checkpoint-best", "best"),
+            ("reconstruction-last.png", "reconstruction"),
+        ):
+            if (out / name).exists():
+                print(f"{label + ':':<16}{out / name}")
+    return rc

@@ -25,12 +25,11 @@ from timm.layers import trunc_normal_  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mae.build import build_vit  # noqa: E402
-from mae.config import ConfigError, load_config  # noqa: E402
-from mae.data import DataError, build_train_loader  # noqa: E402
-from mae.engine import Task, TrainingError, seed_everything, train  # noqa: E402
+from mae.config import ConfigError  # noqa: E402
+from mae.data import build_train_loader  # noqa: E402
+from mae.engine import Task, run_entry, seed_everything  # noqa: E402
 from mae.finetune import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
-from mae.runtime import make_accelerator  # noqa: E402
 
 
 class LinearProbe(nn.Module):
@@ -100,18 +99,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv, task="linprobe")
-        acc = make_accelerator(cfg)
-        seed_everything(cfg.seed, acc.process_index)
-        task = build_task(cfg, acc)
-        return train(cfg, acc, task)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_entry("linprobe", argv, build_task)
 
 
 def cli() -> None:

@@ -19,12 +19,11 @@ from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mae.build import build_mae  # noqa: E402
-from mae.config import ConfigError, load_config  # noqa: E402
-from mae.data import DataError, build_eval_loader, build_train_loader, train_split  # noqa: E402
-from mae.engine import Task, TrainingError, seed_everything, train  # noqa: E402
+from mae.config import ConfigError  # noqa: E402
+from mae.data import build_eval_loader, build_train_loader, train_split  # noqa: E402
+from mae.engine import Task, run_entry, seed_everything  # noqa: E402
 from mae.evaluation import extract_features, knn_top1, mean_patch_features  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
-from mae.runtime import make_accelerator  # noqa: E402
 from mae.viz import save_reconstructions  # noqa: E402
 
 
@@ -129,24 +128,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv, task="pretrain")
-        acc = make_accelerator(cfg)
-        seed_everything(cfg.seed, acc.process_index)
-        task = build_task(cfg, acc)
-        rc = train(cfg, acc, task)
-        if rc == 0 and acc.is_main_process:
-            out = Path(cfg.output_dir)
-            print(f"metrics:        {out / 'metrics.jsonl'}\ncheckpoint:     {out / 'checkpoint-last'}")
-            if (out / "reconstruction-last.png").is_file():
-                print(f"reconstruction: {out / 'reconstruction-last.png'}")
-        return rc
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_entry("pretrain", argv, build_task)
 
 
 def cli() -> None:
