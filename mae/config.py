@@ -51,6 +51,11 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad("a number")
     if isinstance(default, str):
         # YAML reads `key=false` as a boolean; string keys such as log.progress (auto|true|false) take it

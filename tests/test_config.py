@@ -87,3 +87,7 @@ def test_reference_recipes_match_the_paper():
         assert cfg.train.blr == pytest.approx(1.5e-4) and cfg.train.weight_decay == 0.05
         assert list(cfg.train.betas) == [0.9, 0.95]
         assert cfg.train.epochs == 800 and cfg.train.warmup_epochs == 40 and cfg.data.scale_min == 0.2
+
+
+def test_exponent_without_a_dot_is_a_number():
+    assert load_config(["train.blr=4e-3"]).train.blr == pytest.approx(4e-3)

@@ -336,3 +336,20 @@ def test_every_training_crop_honours_scale_min():
         t = build_transform(cfg.data, augment, 32, in_chans)
         crops = [x for x in t.transforms if "RandomResizedCrop" in type(x).__name__]
         assert [tuple(c.scale) for c in crops] == [(0.35, 1.0)], (augment, in_chans)
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    """rand-m9-mstd0.5-inc1 can draw posterize with 0 bits, which Pillow 12+ refuses."""
+    from PIL import Image
+
+    from mae.config import load_config
+    from mae.data import build_transform
+
+    cfg = load_config(["recipe=finetune_vit_base", "model.img_size=32"])
+    t = build_transform(cfg.data, "finetune", 32, 3)
+    ra = next(x for x in t.transforms if type(x).__name__ == "RandAugment")
+    post = next(op for op in ra.ops if op.name.startswith("Posterize"))
+    img = Image.new("RGB", (40, 40), (200, 100, 50))
+    out = post.aug_fn(img, 0)
+    assert out.size == img.size and out.getpixel((0, 0)) == (0, 0, 0)
+    assert post.aug_fn(img, 4).getpixel((0, 0)) == (192, 96, 48)

@@ -76,21 +76,43 @@ def eval_transform(img_size: int, mean, std, crop_pct: float = 0.875):
     )
 
 
+def _posterize(img, bits_to_keep, **__):
+    """timm's posterize, with 0 bits (RandAugment's 'inc' variant at magnitude 10) giving a black image as
+    Pillow < 12 did; Pillow 12+ raises for bits outside 1..8."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe(transform):
+    """Swap in `_posterize` for the posterize ops of any timm RandAugment/AutoAugment inside `transform`."""
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
 def _finetune_transform(cfg, img_size: int, in_chans: int, mean, std):
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
 
     aa = str(cfg.auto_augment or "") or None
     if in_chans == 3:
-        return create_transform(
+        return _pillow_safe(create_transform(
             img_size, is_training=True, scale=(float(cfg.scale_min), 1.0), color_jitter=None, auto_augment=aa,
             interpolation="bicubic",
             re_prob=float(cfg.reprob), re_mode="pixel", re_count=1, mean=mean, std=std, hflip=0.5 if cfg.hflip else 0.0,
-        )  # fmt: skip
+        ))  # fmt: skip
     steps = [T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)]
     steps += [T.RandomHorizontalFlip()] if cfg.hflip else []
     if aa and in_chans == 1:
-        rgb_aa = create_transform(img_size, is_training=True, auto_augment=aa, color_jitter=None).transforms
+        rgb_aa = _pillow_safe(create_transform(img_size, is_training=True, auto_augment=aa, color_jitter=None))
+        rgb_aa = rgb_aa.transforms
         aug = next(t for t in rgb_aa if type(t).__name__ in ("RandAugment", "AutoAugment", "AugMixAugment"))
         steps += [T.Lambda(lambda im: aug(im.convert("RGB")).convert("L"))]
     elif aa:
