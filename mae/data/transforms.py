@@ -111,7 +111,9 @@ def _finetune_transform(cfg, img_size: int, in_chans: int, mean, std):
     steps = [T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)]
     steps += [T.RandomHorizontalFlip()] if cfg.hflip else []
     if aa and in_chans == 1:
-        rgb_aa = _pillow_safe(create_transform(img_size, is_training=True, auto_augment=aa, color_jitter=None))
+        rgb_aa = _pillow_safe(
+            create_transform(img_size, is_training=True, auto_augment=aa, color_jitter=None)
+        )
         rgb_aa = rgb_aa.transforms
         aug = next(t for t in rgb_aa if type(t).__name__ in ("RandAugment", "AutoAugment", "AugMixAugment"))
         steps += [T.Lambda(lambda im: aug(im.convert("RGB")).convert("L"))]
