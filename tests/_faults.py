@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +25,8 @@ TINY_FMNIST = [
     "data.epoch_samples=128",
     "data.num_workers=0",
     "model.img_size=28",
-    "model.patch_size=7",
     "model.in_chans=1",
-    "model.depth=2",
-    "model.embed_dim=64",
-    "model.num_heads=2",
-    "model.decoder_embed_dim=32",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=2",
+    *TINY_MODEL,
     "train.batch_size=16",
     "train.precision=fp32",
     "train.warmup_epochs=0.5",

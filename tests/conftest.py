@@ -17,3 +17,15 @@ def have_fashion_mnist() -> bool:
 needs_fmnist = pytest.mark.skipif(
     not have_fashion_mnist(), reason="Fashion-MNIST not installed (scripts/setup.sh)"
 )
+
+
+# The tiny encoder/decoder the end-to-end tests train on 28x28 Fashion-MNIST (patch 7: 16 patches).
+TINY_MODEL = [
+    "model.patch_size=7",
+    "model.depth=2",
+    "model.embed_dim=64",
+    "model.num_heads=2",
+    "model.decoder_embed_dim=32",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=2",
+]

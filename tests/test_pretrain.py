@@ -14,20 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from mae.pretrain import main
-from tests.conftest import needs_fmnist
+from tests.conftest import TINY_MODEL, needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A small ViT on 28x28 Fashion-MNIST: seconds per run on a laptop CPU.
 TINY_FMNIST = [
     "recipe=demo",
-    "model.depth=2",
-    "model.embed_dim=64",
-    "model.num_heads=2",
-    "model.patch_size=7",
-    "model.decoder_embed_dim=32",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=2",
+    *TINY_MODEL,
     "train.batch_size=16",
     "train.precision=fp32",
     "train.warmup_epochs=0.002",
