@@ -52,9 +52,20 @@ def final_top1(out: Path) -> float:
     return evals[-1]
 
 
-def epochs_for(samples_seen: int, fraction: float, max_epochs: float) -> float:
-    """Equal budget: every run processes `samples_seen` images, whatever the size of its labelled set."""
-    return round(min(max_epochs, samples_seen / (fraction * TRAIN_SIZE)), 4)
+def run_overrides(spec: dict, init: str, fraction: float, seed: int, pre: Path) -> dict:
+    """One fine-tune / probe run. Equal budget: every run is one "epoch" of `samples_seen` images drawn from
+    its labelled subset (seeded permutations of the subset, repeated as often as needed), so a 1% run and a
+    100% run process the same number of images and take the same number of optimizer steps."""
+    return {
+        "seed": seed,
+        "data.label_fraction": fraction,
+        "data.epoch_samples": int(spec["samples_seen"]),
+        "train.epochs": 1,
+        "train.eval_every": 1,  # the one evaluation, at the end
+        "model.init": str(pre) if init == "mae" else "",
+        **(spec.get("overrides") or {}),
+        **(spec.get(f"{init}_overrides") or {}),
+    }
 
 
 def plot_curves(pre: Path, fig_dir: Path) -> list[str]:
@@ -118,14 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             for init in ("mae", "scratch"):
                 for seed in b["seeds"]:
                     out = root / f"{kind}-{init}-{fraction:g}-seed{seed}"
-                    overrides = {
-                        "seed": seed,
-                        "data.label_fraction": fraction,
-                        "train.epochs": epochs_for(spec["samples_seen"], fraction, spec["max_epochs"]),
-                        "train.eval_every": 100_000,  # evaluate once, at the end
-                        "model.init": str(pre) if init == "mae" else "",
-                        **spec["overrides"],
-                    }
+                    overrides = run_overrides(spec, init, fraction, seed, pre)
                     timings[out.name] = run(kind, spec["recipe"], out, overrides, logs)
                     results.setdefault((kind, init, fraction), []).append(final_top1(out))
                     print(f"{out.name}: top-1 {results[(kind, init, fraction)][-1]:.2f}", flush=True)
