@@ -28,8 +28,8 @@ from mae.build import build_vit  # noqa: E402
 from mae.config import ConfigError  # noqa: E402
 from mae.data import build_train_loader  # noqa: E402
 from mae.engine import Task, run_entry, seed_everything  # noqa: E402
-from mae.finetune import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
+from mae.transfer import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
 
 
 class LinearProbe(nn.Module):

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from mae import checkpoint as ckpt
 from mae.build import build_vit
 from mae.config import ConfigError, load_config
-from mae.finetune import BEST, best_keeper, classification_loss, layer_decay_groups, load_init
+from mae.finetune import classification_loss, layer_decay_groups
 from mae.finetune import main as finetune_main
 from mae.linprobe import LinearProbe
 from mae.linprobe import main as linprobe_main
 from mae.models import create_mae
+from mae.transfer import BEST, best_keeper, load_init
 
 TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2)
 TINY_ARGS = [
