@@ -280,6 +280,9 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         loss_sum = torch.zeros((), device=acc.device)
         window_t, window_steps, start_t, start_step = time.time(), 0, time.time(), self.step
+        # img/s counts training steps only: the first step of a process (torch.compile, allocator and worker
+        # warm-up) and the time spent in the monitor, evaluation and checkpoints are left out
+        rate_t, rate_steps, paused = time.time(), 0, 0.0
         progress = _progress(cfg, acc, d.total_steps, self.step)
         self.model.train()
         while self.step < d.total_steps:
@@ -320,6 +323,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 window_steps += 1
+                rate_steps += 1
+                if self.step == start_step + 1 and self.step < d.total_steps:
+                    _synchronize(acc.device)
+                    rate_t, rate_steps, paused = time.time(), 0, 0.0
                 if progress is not None:
                     progress.update(1)
                 end_of_epoch = self.step % spe == 0
@@ -338,7 +345,10 @@ class Trainer:
                     now = time.time()
                     n = max(window_steps * ga * acc.num_processes, 1)
                     mean_loss = acc.reduce(loss_sum, reduction="sum").item() / n
-                    rate = window_steps * d.effective_batch / max(now - window_t, 1e-9)
+                    if rate_steps:
+                        rate = rate_steps * d.effective_batch / max(now - rate_t - paused, 1e-9)
+                    else:  # a log at the very first step: nothing but the warm-up to time
+                        rate = window_steps * d.effective_batch / max(now - window_t, 1e-9)
                     eta = (now - start_t) / max(self.step - start_step, 1) * (d.total_steps - self.step)
                     row = {
                         "step": self.step,
@@ -357,6 +367,8 @@ class Trainer:
                     )
                     loss_sum.zero_()
                     window_t, window_steps = now, 0
+                    rate_t, rate_steps, paused = now, 0, 0.0
+                busy_t = time.time()
                 if monitor_due:
                     row.update(task.monitor(self.raw_model, self.step))
                     self.model.train()
@@ -375,6 +387,7 @@ class Trainer:
                 if final or signum or self.step % cfg.checkpoint.every_steps == 0:
                     path = self.save()
                     self.log(f"checkpoint {path}")
+                paused += time.time() - busy_t
                 if signum:
                     name = signal.Signals(signum).name
                     self.log(f"{name} received: checkpointed step {self.step}, exiting")
@@ -393,6 +406,11 @@ class Trainer:
             progress.close()
         self.log(f"done: {self.step} steps; outputs in {self.out}")
         return 0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _null:

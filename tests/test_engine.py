@@ -73,3 +73,52 @@ def test_no_weight_decay_on_biases_norms_tokens_and_tables():
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= decay
     # the fixed sin-cos tables are not trained at all
     assert "pos_embed" not in no_decay | decay and "decoder_pos_embed" not in no_decay | decay
+
+
+def test_img_per_s_leaves_out_warm_up_monitor_and_checkpoint_time(tmp_path):
+    """The first step (torch.compile's warm-up) and the monitor / evaluation / checkpoint pauses are not
+    training: a 1 s stall in each must not show in img/s (steps of a linear layer take milliseconds)."""
+    import time
+
+    cfg = load_config(
+        [
+            f"output_dir={tmp_path}",
+            "train.max_steps=8",
+            "train.precision=fp32",
+            "train.batch_size=8",
+            "log.every_steps=4",
+            "checkpoint.every_steps=2",
+            "train.warmup_epochs=0",
+        ]
+    )
+    model = nn.Sequential(nn.Linear(3, 2))
+    calls = []
+
+    def loss_fn(m, x, y, step, micro):
+        calls.append(step)
+        if len(calls) == 1:
+            time.sleep(1.0)  # the first step compiles
+        return nn.functional.cross_entropy(m(x), y)
+
+    def monitor(m, step):
+        time.sleep(1.0)
+        return {"probe": 1.0}
+
+    acc = make_accelerator(cfg)
+    task = Task(
+        model=model,
+        groups=param_groups(model, 0.0),
+        loader=StubLoader(),
+        loss_fn=loss_fn,
+        monitor=monitor,
+        monitor_every=2,
+    )
+    t = time.time()
+    assert train(cfg, acc, task) == 0
+    wall = time.time() - t
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "img_per_s" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]  # monitor steps log too
+    assert wall > 5.0  # the stalls happened: 1 warm-up + 4 monitor calls
+    # counted, the stalls would cap each window at 2 steps x 8 images / 1 s = 16 img/s
+    assert all(r["img_per_s"] > 100 for r in logged), logged

@@ -1,0 +1,47 @@
+"""The Fashion-MNIST study (experiments/fashion_mnist.py): its budget file is valid for the recipes it names,
+and every fine-tune / probe run gets the same budget whatever its label fraction or initialisation."""
+
+from pathlib import Path
+
+import yaml
+from conftest import needs_fmnist
+
+from experiments.fashion_mnist import run_overrides
+from mae.config import derive, load_config
+from mae.data import build_train_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = yaml.safe_load((ROOT / "experiments" / "fashion_mnist.yaml").read_text())
+
+
+def _argv(recipe: str, overrides: dict, out: Path) -> list[str]:
+    return [f"recipe={recipe}", f"output_dir={out}"] + [f"{k}={v}" for k, v in overrides.items()]
+
+
+def test_pretraining_overrides_are_valid(tmp_path):
+    cfg = load_config(_argv(BUDGET["pretrain"]["recipe"], BUDGET["pretrain"]["overrides"], tmp_path))
+    assert cfg.data.train == "fashion-mnist"
+
+
+@needs_fmnist
+def test_every_run_processes_the_same_number_of_images(tmp_path):
+    pre = tmp_path / "pretrain"
+    for kind in ("finetune", "linprobe"):
+        spec = BUDGET[kind]
+        budgets = {}
+        for fraction in BUDGET["label_fractions"]:
+            for init in ("mae", "scratch"):
+                o = run_overrides(spec, init, fraction, 0, pre)
+                cfg = load_config(_argv(spec["recipe"], o, tmp_path / "run"), task=kind)
+                assert cfg.model.init == (str(pre) if init == "mae" else "")
+                loader = build_train_loader(
+                    cfg.data, source=cfg.data.train, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                    batch_size=cfg.train.batch_size, augment=kind, seed=0, rank=0, world_size=1,
+                )  # fmt: skip
+                d = derive(cfg, 1, loader.steps_per_epoch)
+                budgets[(fraction, init)] = d.total_steps * d.effective_batch
+                batch = d.effective_batch
+                if kind == "finetune" and init == "scratch":
+                    assert cfg.train.layer_decay == 1.0  # no layer-wise decay without pretrained layers
+        assert len(set(budgets.values())) == 1, budgets
+        assert abs(next(iter(budgets.values())) - spec["samples_seen"]) < batch
