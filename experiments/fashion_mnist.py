@@ -23,10 +23,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SIZE = 60_000
+NAMES = {"finetune": "fine-tuning", "linprobe": "linear probing"}
 
 
-def run(entry: str, recipe: str, out: Path, overrides: dict, log_dir: Path) -> float:
-    """Run one entry point to completion (resuming if it was interrupted); returns wall seconds."""
+def run(entry: str, recipe: str, out: Path, overrides: dict, log_dir: Path) -> float | None:
+    """Run one entry point to completion (resuming if it was interrupted); returns wall seconds, or None
+    when the run had already finished with these settings."""
+    if finished(out, overrides):
+        return None
     args = [f"recipe={recipe}", f"output_dir={out}"] + [f"{k}={v}" for k, v in overrides.items()]
     cmd = [sys.executable, str(ROOT / "mae" / f"{entry}.py"), *args]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,34 @@ def run(entry: str, recipe: str, out: Path, overrides: dict, log_dir: Path) -> f
     if rc != 0:
         sys.exit(f"{entry} failed (exit {rc}); see {log}")
     return time.time() - t
+
+
+def finished(out: Path, overrides: dict) -> bool:
+    """True when `out` holds a complete run made with `overrides`; a run made with other settings is an
+    error (resuming it would mix two budgets)."""
+    cfg_path = out / "config.yaml"
+    if not cfg_path.is_file():
+        return False
+    saved = yaml.safe_load(cfg_path.read_text())
+    for key, want in overrides.items():
+        have = saved
+        for part in key.split("."):
+            have = have.get(part) if isinstance(have, dict) else None
+        if str(have) != str(want) and not _same_number(have, want):
+            sys.exit(
+                f"{out} was run with {key}={have!r} but the budget now says {want!r}: "
+                "move it away (or change output_dir) to run the study with the new budget"
+            )
+    r = rows(out)
+    total = saved.get("derived", {}).get("total_steps")
+    return bool(r) and r[-1].get("step") == total and ("top1" in r[-1] or "loss" in r[-1])
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def rows(out: Path) -> list[dict]:
@@ -52,7 +84,9 @@ def final_top1(out: Path) -> float:
     return evals[-1]
 
 
-def run_overrides(spec: dict, init: str, fraction: float, seed: int, pre: Path) -> dict:
+def run_overrides(
+    spec: dict, init: str, fraction: float, seed: int, pre: Path, blr: float | None = None
+) -> dict:
     """One fine-tune / probe run. Equal budget: every run is one "epoch" of `samples_seen` images drawn from
     its labelled subset (seeded permutations of the subset, repeated as often as needed), so a 1% run and a
     100% run process the same number of images and take the same number of optimizer steps."""
@@ -65,6 +99,7 @@ def run_overrides(spec: dict, init: str, fraction: float, seed: int, pre: Path) 
         "model.init": str(pre) if init == "mae" else "",
         **(spec.get("overrides") or {}),
         **(spec.get(f"{init}_overrides") or {}),
+        **({"train.blr": blr} if blr is not None else {}),
     }
 
 
@@ -116,76 +151,115 @@ def main(argv: list[str] | None = None) -> int:
     fig_dir = report.parent / "results"
     fig_dir.mkdir(parents=True, exist_ok=True)
     logs = root / "logs"
-    t0 = time.time()
-    timings: dict[str, float] = {}
+    timings_path = root / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def timed(name: str, seconds: float | None) -> None:
+        if seconds is not None:  # a run finished earlier keeps the time it took then
+            timings[name] = round(seconds, 1)
+            timings_path.parent.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=1))
 
     pre = root / "pretrain"
-    timings["pretrain"] = run("pretrain", b["pretrain"]["recipe"], pre, b["pretrain"]["overrides"], logs)
+    timed("pretrain", run("pretrain", b["pretrain"]["recipe"], pre, b["pretrain"]["overrides"], logs))
 
-    results: dict[tuple[str, str, float], list[float]] = {}
+    # results[(kind, init, fraction)][blr or None] = top-1 of each seed
+    results: dict[tuple[str, str, float], dict[float | None, list[float]]] = {}
     for kind in ("finetune", "linprobe"):
         spec = b[kind]
         for fraction in b["label_fractions"]:
             for init in ("mae", "scratch"):
-                for seed in b["seeds"]:
-                    out = root / f"{kind}-{init}-{fraction:g}-seed{seed}"
-                    overrides = run_overrides(spec, init, fraction, seed, pre)
-                    timings[out.name] = run(kind, spec["recipe"], out, overrides, logs)
-                    results.setdefault((kind, init, fraction), []).append(final_top1(out))
-                    print(f"{out.name}: top-1 {results[(kind, init, fraction)][-1]:.2f}", flush=True)
+                sweep = spec.get(f"{init}_blr") or [None]
+                for blr in sweep:
+                    for seed in b["seeds"]:
+                        tag = f"-blr{blr:g}" if blr is not None else ""
+                        out = root / f"{kind}-{init}{tag}-{fraction:g}-seed{seed}"
+                        overrides = run_overrides(spec, init, fraction, seed, pre, blr)
+                        timed(out.name, run(kind, spec["recipe"], out, overrides, logs))
+                        top1 = final_top1(out)
+                        results.setdefault((kind, init, fraction), {}).setdefault(blr, []).append(top1)
+                        print(f"{out.name}: top-1 {top1:.2f}", flush=True)
 
     figures = plot_curves(pre, fig_dir)
     recon = pre / "reconstruction-last.png"
     if recon.is_file():
         shutil.copy(recon, fig_dir / "reconstruction.png")
         figures.append("reconstruction.png")
-    wall = time.time() - t0
-    (root / "timings.json").write_text(json.dumps(timings, indent=1))
-    write_report(report, b, budget_path, results, figures, timings, wall, pre)
+    write_report(report, b, budget_path, results, figures, timings, pre)
     print(f"wrote {report}")
     return 0
 
 
+def best_blr(by_blr: dict) -> float | None:
+    """The swept lr with the highest mean top-1 over seeds (None when there was no sweep)."""
+    return max(by_blr, key=lambda blr: statistics.mean(by_blr[blr]))
+
+
 def write_report(
-    report: Path,
-    b: dict,
-    budget_path: Path,
-    results: dict,
-    figures: list[str],
-    timings: dict,
-    wall: float,
-    pre: Path,
+    report: Path, b: dict, budget_path: Path, results: dict, figures: list[str], timings: dict, pre: Path
 ) -> None:
     pre_rows = rows(pre)
     losses = [r["loss"] for r in pre_rows if "loss" in r]
     knn = [r["knn_top1"] for r in pre_rows if "knn_top1" in r]
+    swept = [k for k in ("finetune", "linprobe") if b[k].get("scratch_blr")]
     lines = [
         "# Fashion-MNIST: does MAE pretraining help?",
         "",
         "Top-1 (%) on the 10,000 Fashion-MNIST test images. *MAE*: the encoder pretrained with MAE on the 60,000",
-        "training images without labels; *scratch*: the same architecture from random initialisation. Both get",
-        "the same fine-tuning / probing budget (images processed), whatever the label fraction. "
-        f"Seeds: {b['seeds']} (mean ± standard deviation where more than one).",
+        "training images without labels; *scratch*: the same architecture from random initialisation. Every",
+        "fine-tune / probe processes the same number of images, whatever its label fraction. "
+        f"Seeds {b['seeds']}: mean ± standard deviation over seeds (the labelled subset is the same for every seed).",
+    ]
+    if swept:
+        lines += [
+            "",
+            "From scratch, "
+            + " and ".join(NAMES[k] for k in swept)
+            + (" gets" if len(swept) == 1 else " get")
+            + " a small learning-rate sweep; the table shows the best lr per label fraction (chosen on the test "
+            "images, which favours the baseline). The MAE runs use the recipe's lr.",
+        ]
+    lines += [
         "",
         "| labels | fine-tune MAE | fine-tune scratch | Δ | linear probe MAE | linear probe scratch | Δ |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in b["label_fractions"]:
-        ft_m, ft_s = results[("finetune", "mae", f)], results[("finetune", "scratch", f)]
-        lp_m, lp_s = results[("linprobe", "mae", f)], results[("linprobe", "scratch", f)]
-        d_ft = statistics.mean(ft_m) - statistics.mean(ft_s)
-        d_lp = statistics.mean(lp_m) - statistics.mean(lp_s)
-        lines.append(
-            f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | {fmt(ft_m)} | {fmt(ft_s)} | {d_ft:+.2f} | {fmt(lp_m)} | "
-            f"{fmt(lp_s)} | {d_lp:+.2f} |"
-        )
+        cells = []
+        for kind in ("finetune", "linprobe"):
+            mae, scratch = results[(kind, "mae", f)], results[(kind, "scratch", f)]
+            m, s_blr = mae[best_blr(mae)], best_blr(scratch)
+            s = scratch[s_blr]
+            tag = f" (blr {s_blr:g})" if s_blr is not None and len(scratch) > 1 else ""
+            cells += [fmt(m), fmt(s) + tag, f"{statistics.mean(m) - statistics.mean(s):+.2f}"]
+        lines.append(f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | " + " | ".join(cells) + " |")
+    for kind in swept:
+        sweep = b[kind]["scratch_blr"]
+        lines += [
+            "",
+            f"{NAMES[kind].capitalize()} from scratch, every lr of the sweep:",
+            "",
+            "| labels | " + " | ".join(f"blr {x:g}" for x in sweep) + " |",
+            "| --- | " + " | ".join("---" for _ in sweep) + " |",
+        ]
+        for f in b["label_fractions"]:
+            by = results[(kind, "scratch", f)]
+            lines.append(f"| {f * 100:g}% | " + " | ".join(fmt(by[x]) for x in sweep) + " |")
+    total = sum(timings.values())
     lines += [
         "",
         "## Pretraining",
         "",
-        f"Recipe `{b['pretrain']['recipe']}` with {b['pretrain']['overrides']}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-        + (f"; k-NN top-1 on the test split {knn[0]:.1f}% -> {knn[-1]:.1f}%" if knn else "")
-        + f"; {timings['pretrain'] / 60:.1f} min.",
+        f"Recipe `{b['pretrain']['recipe']}` with "
+        + " ".join(f"`{k}={v}`" for k, v in b["pretrain"]["overrides"].items())
+        + " (60,000 images, no labels): "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        + (
+            f"; k-NN top-1 on the test split {knn[0]:.1f}% after the first epoch, {knn[-1]:.1f}% at the end"
+            if knn
+            else ""
+        )
+        + f"; {timings.get('pretrain', 0) / 60:.1f} min.",
         "",
     ]
     lines += [f"![{name}](results/{name})" for name in figures]
@@ -193,15 +267,27 @@ def write_report(
         "",
         "## Setup",
         "",
-        f"- Hardware: {platform.processor() or platform.machine()}, {_cpu_count()} CPU cores, no GPU; bf16 autocast.",
-        f"- Total wall time: {wall / 60:.1f} min (pretraining {timings['pretrain'] / 60:.1f} min).",
+        f"- Hardware: {_cpu_name()}, {_cpu_count()} CPU cores, no GPU; bf16 autocast.",
+        f"- Compute time: {total / 60:.1f} min in all (pretraining {timings.get('pretrain', 0) / 60:.1f} min, "
+        f"{len(timings) - 1} fine-tune / probe runs {(total - timings.get('pretrain', 0)) / 60:.1f} min).",
         f"- Budget file: `{budget_path.relative_to(ROOT) if budget_path.is_relative_to(ROOT) else budget_path}`; "
         f"fine-tuning {b['finetune']['samples_seen']} images per run (recipe `{b['finetune']['recipe']}`), linear "
         f"probing {b['linprobe']['samples_seen']} (recipe `{b['linprobe']['recipe']}`).",
-        "- Command: `.venv/bin/python experiments/fashion_mnist.py`",
+        "- Command: `.venv/bin/python experiments/fashion_mnist.py` (every run is an ordinary run directory "
+        f"under `{b['output_dir']}/`, with its `config.yaml`, `metrics.jsonl` and log).",
         "",
     ]
     report.write_text("\n".join(lines))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_count() -> int:

@@ -30,8 +30,8 @@ def test_every_run_processes_the_same_number_of_images(tmp_path):
         spec = BUDGET[kind]
         budgets = {}
         for fraction in BUDGET["label_fractions"]:
-            for init in ("mae", "scratch"):
-                o = run_overrides(spec, init, fraction, 0, pre)
+            for init, blr in [("mae", None)] + [("scratch", x) for x in spec.get("scratch_blr") or [None]]:
+                o = run_overrides(spec, init, fraction, 0, pre, blr)
                 cfg = load_config(_argv(spec["recipe"], o, tmp_path / "run"), task=kind)
                 assert cfg.model.init == (str(pre) if init == "mae" else "")
                 loader = build_train_loader(
@@ -39,9 +39,32 @@ def test_every_run_processes_the_same_number_of_images(tmp_path):
                     batch_size=cfg.train.batch_size, augment=kind, seed=0, rank=0, world_size=1,
                 )  # fmt: skip
                 d = derive(cfg, 1, loader.steps_per_epoch)
-                budgets[(fraction, init)] = d.total_steps * d.effective_batch
+                if blr is not None:
+                    assert cfg.train.blr == blr
+                budgets[(fraction, init, blr)] = d.total_steps * d.effective_batch
                 batch = d.effective_batch
                 if kind == "finetune" and init == "scratch":
                     assert cfg.train.layer_decay == 1.0  # no layer-wise decay without pretrained layers
         assert len(set(budgets.values())) == 1, budgets
         assert abs(next(iter(budgets.values())) - spec["samples_seen"]) < batch
+
+
+def test_a_finished_run_is_skipped_and_one_with_other_settings_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from experiments.fashion_mnist import finished
+
+    out = tmp_path / "finetune-scratch-0.1-seed0"
+    out.mkdir()
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"seed": 0, "train": {"blr": 0.004}, "derived": {"total_steps": 3}})
+    )
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    assert not finished(out, {"seed": 0, "train.blr": 4e-3})  # interrupted at step 2 of 3: run it again
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 0.9, "top1": 50.0}) + "\n")
+    assert finished(out, {"seed": 0, "train.blr": "4e-3"})
+    with pytest.raises(SystemExit, match="train.blr=0.004 but the budget now says 0.001"):
+        finished(out, {"seed": 0, "train.blr": 1e-3})
+    assert not finished(tmp_path / "never-run", {"seed": 0})
