@@ -5,8 +5,8 @@
 #   2. the demo recipe at its batch size (256): eager vs compile, bf16 vs fp32; its input pipeline;
 #   3. scaling: 1 vs 2 processes (benchmarks/scaling.sh), image size, mask ratio.
 #   bash benchmarks/cpu_report.sh [OUT_DIR]          (QUICK=1: tiny model, 1 step: checks the script)
-# Env: STEPS (timed steps per configuration, default 5), THREADS (torch threads; default torch's),
-# ONLY (run only part 1, 2 or 3).
+# Env: STEPS (timed steps per configuration, default 5), ROUNDS (round-robin repeats, best kept; default 1),
+# THREADS (torch threads; default torch's), ONLY (run only part 1, 2 or 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,6 +18,7 @@ else
     B=(--model mae_vit_base_patch16 --img-size 224) S=(--steps "${STEPS:-5}" --warmup 2) DEMO_B=256
 fi
 [ -n "${THREADS:-}" ] && S+=(--threads "$THREADS")
+[ -n "${ROUNDS:-}" ] && S+=(--rounds "$ROUNDS")
 uptime | tee -a "$OUT_DIR/uptime.txt"
 
 part() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
