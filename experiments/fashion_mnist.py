@@ -123,9 +123,7 @@ def plot_curves(pre: Path, fig_dir: Path) -> list[str]:
     if knn:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([x["epoch"] for x in knn], [x["knn_top1"] for x in knn], marker="o")
-        ax.set(
-            xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN monitor on the test split during pretraining"
-        )
+        ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN monitor during pretraining (test images)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(fig_dir / "pretrain_knn.png", dpi=120)
@@ -255,7 +253,7 @@ def write_report(
         + " (60,000 images, no labels): "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
         + (
-            f"; k-NN top-1 on the test split {knn[0]:.1f}% after the first epoch, {knn[-1]:.1f}% at the end"
+            f"; k-NN top-1 {knn[0]:.1f}% after the first epoch, {knn[-1]:.1f}% at the end ({_knn_setup(pre)})"
             if knn
             else ""
         )
@@ -278,6 +276,14 @@ def write_report(
         "",
     ]
     report.write_text("\n".join(lines))
+
+
+def _knn_setup(pre: Path) -> str:
+    log = yaml.safe_load((pre / "config.yaml").read_text())["log"]
+    return (
+        f"{log['knn_k']}-NN on the encoder's mean patch features: {log['knn_train_samples']:,} labelled "
+        f"training images as the memory bank, {log['knn_val_samples']:,} test images as queries"
+    )
 
 
 def _cpu_name() -> str:
