@@ -26,18 +26,23 @@ class StubLoader:
             yield (x[:0], y[:0], 8) if i == 2 else (x, y, 0)
 
 
-def test_all_corrupt_batch_is_counted_and_the_run_goes_on(tmp_path):
-    cfg = load_config(
+def stub_config(out, *overrides):
+    """8 fp32 steps of 8 samples on the stub loader, a log row every 4 steps, no warmup."""
+    return load_config(
         [
-            f"output_dir={tmp_path}",
+            f"output_dir={out}",
             "train.max_steps=8",
             "train.precision=fp32",
             "train.batch_size=8",
             "log.every_steps=4",
-            "checkpoint.every_steps=100",
             "train.warmup_epochs=0",
+            *overrides,
         ]
     )
+
+
+def test_all_corrupt_batch_is_counted_and_the_run_goes_on(tmp_path):
+    cfg = stub_config(tmp_path, "checkpoint.every_steps=100")
     model = nn.Sequential(nn.Linear(3, 2))
     seen = []
 
@@ -80,17 +85,7 @@ def test_img_per_s_leaves_out_warm_up_monitor_and_checkpoint_time(tmp_path):
     training: a 1 s stall in each must not show in img/s (steps of a linear layer take milliseconds)."""
     import time
 
-    cfg = load_config(
-        [
-            f"output_dir={tmp_path}",
-            "train.max_steps=8",
-            "train.precision=fp32",
-            "train.batch_size=8",
-            "log.every_steps=4",
-            "checkpoint.every_steps=2",
-            "train.warmup_epochs=0",
-        ]
-    )
+    cfg = stub_config(tmp_path, "checkpoint.every_steps=2")
     model = nn.Sequential(nn.Linear(3, 2))
     calls = []
 
