@@ -3,7 +3,8 @@
 Layout of a run directory:
 
     output_dir/checkpoint-00001000/   model.safetensors   weights (fp32, unwrapped model)
-                                      state.pt            optimizer, scaler, step, epoch (weights_only-loadable)
+                                      state.pt            optimizer (keyed by parameter name), scaler, step, epoch
+                                                          (weights_only-loadable)
                                       rng-rank{R}.pt      each process's RNG states
                                       meta.json           step, epoch, time; written last
     output_dir/checkpoint-last -> checkpoint-00001000     symlink, replaced atomically

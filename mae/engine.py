@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mae import checkpoint as ckpt
+from mae import fsdp
 from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
 from mae.optim import build_optimizer, lr_at, set_lr
 from mae.runtime import STOP, fmt_time, peak_mem_gb, request_requeue
@@ -46,7 +48,8 @@ class Task:
     evaluate: Callable[[nn.Module, int], dict] | None = None  # (unwrapped model, step) -> metrics (all ranks)
     monitor: Callable[[nn.Module, int], dict] | None = None  # every `monitor_every` steps (all ranks)
     monitor_every: int = 0
-    on_checkpoint: Callable[[nn.Module, Path, int], None] | None = None  # rank 0, after a commit
+    # after a commit: on rank 0, or on every rank when the model is sharded (its forward is collective)
+    on_checkpoint: Callable[[nn.Module, Path, int], None] | None = None
     on_eval: Callable[[nn.Module, dict, int], None] | None = None  # after each evaluation (all ranks)
 
 
@@ -77,6 +80,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.metrics_path = self.out / "metrics.jsonl"
         self.raw_model = task.model
+        self.groups = task.groups
+        # train.fsdp: shard parameters, gradients and optimizer state (one process: nothing to shard)
+        self.sharded = bool(cfg.train.fsdp) and accelerator.num_processes > 1
         self.derived: Derived = derive(cfg, accelerator.num_processes, task.loader.steps_per_epoch)
         self.step = 0
         self.bad_samples = 0
@@ -96,8 +102,9 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         model_state, train_state, rng = ckpt.load_train_state(path, self.acc.process_index)
-        self.raw_model.load_state_dict(model_state, strict=True)
-        self.optimizer.load_state_dict(train_state["optimizer"])
+        fsdp.load_model_state(self.raw_model, model_state)
+        del model_state
+        fsdp.load_optimizer_state(self.raw_model, self.optimizer, self.groups, train_state["optimizer"])
         if train_state.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(train_state["scaler"])
         self.step = int(train_state["step"])
@@ -137,20 +144,28 @@ class Trainer:
         attempt(lambda: ckpt.write_rank_files(tmp, self.acc.process_index))
         if self.fault_ckpt_delay:
             time.sleep(self.fault_ckpt_delay)
+        # sharded: every rank takes part in gathering the full state; rank 0 alone holds and writes it
+        model_state = fsdp.model_state(self.raw_model) if (main or self.sharded) else None
+        optim_state = (
+            fsdp.optimizer_state(self.raw_model, _inner(self.optimizer), self.groups)
+            if (main or self.sharded)
+            else None
+        )
         if main:
-            attempt(self._write_main_files)
+            attempt(partial(self._write_main_files, model_state, optim_state))
+        del model_state, optim_state
         self._raise_if_any_failed(err)
         final = tmp.with_name(tmp.name[: -len(".tmp")])
         if main:
             attempt(lambda: ckpt.commit(tmp, self.cfg.checkpoint.keep))
         self._raise_if_any_failed(err)
-        if main and self.task.on_checkpoint is not None:
+        if self.task.on_checkpoint is not None and (main or self.sharded):
             self.task.on_checkpoint(self.raw_model, final, self.step)
         return final
 
-    def _write_main_files(self) -> None:
+    def _write_main_files(self, model_state: dict, optim_state: dict) -> None:
         train_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim_state,
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
             "step": self.step,
             "epoch": self.step // self.derived.steps_per_epoch,
@@ -158,9 +173,7 @@ class Trainer:
             "world_size": self.acc.num_processes,
         }
         meta = {"step": self.step, "epoch": train_state["epoch"], "task": self.cfg.task}
-        ckpt.write_main_files(
-            ckpt.tmp_dir(self.out, self.step), self.raw_model.state_dict(), train_state, meta
-        )
+        ckpt.write_main_files(ckpt.tmp_dir(self.out, self.step), model_state, train_state, meta)
 
     def _raise_if_any_failed(self, err: OSError | None) -> None:
         failed = self._any_rank(err is not None)
@@ -240,7 +253,11 @@ class Trainer:
 
     def run(self) -> int:
         cfg, acc, d = self.cfg, self.acc, self.derived
-        self.optimizer = build_optimizer(self.task.groups, cfg.train.optimizer, d.lr, cfg.train.betas)
+        if self.sharded:
+            self.groups = fsdp.shard(self.raw_model, self.groups, acc.mixed_precision)
+        elif cfg.train.fsdp:
+            self.log("train.fsdp=true with one process: nothing to shard, the model runs whole")
+        self.optimizer = build_optimizer(self.groups, cfg.train.optimizer, d.lr, cfg.train.betas)
         resume_from = prepare_output_dir(cfg, acc)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +271,9 @@ class Trainer:
         if resume_from is not None:
             self.resume(resume_from)
         self.log(
-            f"{cfg.task}: {acc.num_processes} process(es) on {acc.device.type}, precision {acc.mixed_precision}; "
+            f"{cfg.task}: {acc.num_processes} process(es) on {acc.device.type}"
+            f"{' (FSDP: parameters, gradients and optimizer state sharded)' if self.sharded else ''}, "
+            f"precision {acc.mixed_precision}; "
             f"effective batch {d.effective_batch} = {cfg.train.batch_size} x {cfg.train.grad_accum} accum x "
             f"{d.world_size}; lr {d.lr:.3g} (blr {cfg.train.blr:g} x {d.effective_batch}/256"
             f"{', overridden by train.lr' if cfg.train.lr > 0 else ''}); {d.steps_per_epoch} steps/epoch, "
@@ -265,7 +284,10 @@ class Trainer:
             return 0
 
         model = torch.compile(self.raw_model) if cfg.train.compile else self.raw_model
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if self.sharded:  # already distributed: Accelerate wraps the optimizer only, autocast is the loop's
+            self.model, self.optimizer = model, acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self._init_trackers()
         self.stop.install()  # no-op when make_accelerator did it
         try:
@@ -295,13 +317,19 @@ class Trainer:
                 images = images.to(acc.device, non_blocking=True)
                 labels = labels.to(acc.device, non_blocking=True)
                 last_micro = micro == ga - 1
-                ctx = acc.no_sync(self.model) if (not last_micro and acc.num_processes > 1) else _null()
+                if last_micro or acc.num_processes == 1:
+                    ctx = _null()
+                else:
+                    ctx = fsdp.no_grad_sync(self.raw_model) if self.sharded else acc.no_sync(self.model)
                 with ctx:
-                    if images.shape[0] > 0:
-                        loss = task.loss_fn(self.model, images, labels, self.step, micro)
-                    else:  # every sample was corrupt: a zero-gradient pass keeps DDP ranks in lockstep
-                        dummy = images.new_zeros(2, *images.shape[1:])
-                        loss = task.loss_fn(self.model, dummy, labels.new_zeros(2), self.step, micro) * 0.0
+                    with acc.autocast() if self.sharded else _null():
+                        if images.shape[0] > 0:
+                            loss = task.loss_fn(self.model, images, labels, self.step, micro)
+                        else:  # every sample was corrupt: a zero-gradient pass keeps the ranks in lockstep
+                            dummy = images.new_zeros(2, *images.shape[1:])
+                            loss = (
+                                task.loss_fn(self.model, dummy, labels.new_zeros(2), self.step, micro) * 0.0
+                            )
                     if self.fault_nan_step == self.step + 1:
                         loss = loss * float("nan")
                     acc.backward(loss / ga)
@@ -406,6 +434,11 @@ class Trainer:
             progress.close()
         self.log(f"done: {self.step} steps; outputs in {self.out}")
         return 0
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _synchronize(device: torch.device) -> None:

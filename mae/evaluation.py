@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PAD_LABEL = -100  # a filler sample of in_lockstep: run through the model, never scored
+
+
+def in_lockstep(
+    loader: Iterable, any_rank: Callable[[bool], bool], shape: tuple[int, ...]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The batches of `loader`, then, while another rank still has batches, one filler image of `shape`
+    labelled PAD_LABEL. The forward of a sharded (FSDP) model is collective: every rank must run as many
+    as the others, whatever its share of the data. `any_rank(flag)` is true when `flag` is on any rank."""
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        if not any_rank(batch is not None):
+            return
+        yield batch if batch is not None else (torch.zeros(1, *shape), torch.full((1,), PAD_LABEL), 0)
 
 
 @torch.no_grad()
@@ -15,7 +31,8 @@ def classifier_accuracy(
 ) -> dict:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over every sample of `loader`.
 
-    `reduce(tensor)` sums over processes, so each rank may hold a disjoint part of the data.
+    `reduce(tensor)` sums over processes, so each rank may hold a disjoint part of the data. Samples
+    labelled PAD_LABEL (in_lockstep's fillers) are not scored.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
@@ -23,7 +40,8 @@ def classifier_accuracy(
         images, labels = images.to(device), labels.to(device)
         with autocast():
             logits = model(images)
-        logits = logits.float()
+        keep = labels != PAD_LABEL
+        logits, labels = logits.float()[keep], labels[keep]
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices  # (N, k)
         hit = topk.eq(labels[:, None])

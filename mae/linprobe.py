@@ -66,6 +66,8 @@ class LinearProbe(nn.Module):
 
 def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     log = print if acc.is_main_process else (lambda *a, **k: None)
+    if cfg.train.fsdp:
+        raise ConfigError("train.fsdp=true: linear probing trains only the head, there is nothing to shard")
     data_kw = dict(img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, batch_size=cfg.train.batch_size)
     loader = build_train_loader(
         cfg.data,

@@ -23,6 +23,7 @@ from mae.config import ConfigError  # noqa: E402
 from mae.data import build_eval_loader, build_train_loader, train_split  # noqa: E402
 from mae.engine import Task, run_entry, seed_everything  # noqa: E402
 from mae.evaluation import extract_features, knn_top1, mean_patch_features  # noqa: E402
+from mae.fsdp import is_sharded  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
 from mae.viz import save_reconstructions  # noqa: E402
 
@@ -37,7 +38,8 @@ def masking_noise(images: torch.Tensor, num_patches: int, seed: int, rank: int, 
 
 def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
     """k-NN top-1 of the encoder's mean patch features: memory bank from labelled data.train, queries
-    from data.val. Runs on rank 0 (small sets); the other ranks wait."""
+    from data.val. Runs on rank 0 (small sets) while the other ranks wait; a sharded (FSDP) model's forward
+    is collective, so there every rank extracts the same features and rank 0 scores them."""
     if cfg.log.knn_every_steps <= 0:
         return None
     if not cfg.data.val:
@@ -52,11 +54,12 @@ def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
 
     def monitor(model, step: int) -> dict:
         result = {}
-        if acc.is_main_process:
+        if acc.is_main_process or is_sharded(model):
             model.eval()
             fn = mean_patch_features(model)
             train_f, train_y = extract_features(fn, bank, acc.device, acc.autocast)
             test_f, test_y = extract_features(fn, queries, acc.device, acc.autocast)
+        if acc.is_main_process:
             result = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=cfg.log.knn_k)}
             print(f"k-NN top-1 at step {step}: {result['knn_top1']:.2f}%", flush=True)
         acc.wait_for_everyone()
@@ -66,8 +69,9 @@ def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
 
 
 def reconstruction_hook(cfg: DictConfig, acc: Accelerator, data_kw: dict):
-    """At each checkpoint: the reconstruction figure of a fixed set of images with a fixed mask."""
-    if cfg.log.viz_images <= 0 or not acc.is_main_process:
+    """At each checkpoint: the reconstruction figure of a fixed set of images with a fixed mask, written by
+    rank 0. Sharded (FSDP), every rank runs the same forward (it is collective)."""
+    if cfg.log.viz_images <= 0 or not (acc.is_main_process or (cfg.train.fsdp and acc.num_processes > 1)):
         return None
     source = cfg.data.val or cfg.data.train
     loader = build_eval_loader(
@@ -85,7 +89,10 @@ def reconstruction_hook(cfg: DictConfig, acc: Accelerator, data_kw: dict):
                 cfg.data.mean,
                 cfg.data.std,
                 cfg.model.mask_ratio,
+                write=acc.is_main_process,
             )
+        if not acc.is_main_process:
+            return
         (out / "reconstruction-last.png").write_bytes(path.read_bytes())
         if cfg.log.wandb != "disabled":
             import wandb

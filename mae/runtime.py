@@ -41,6 +41,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         "true",
     )
     precision = resolve_precision(cfg.train.precision, on_cuda)
+    if cfg.train.fsdp and precision == "fp16":
+        raise ConfigError("train.fsdp=true runs in bf16 or fp32, not fp16 (set train.precision=bf16)")
     if cfg.log.wandb not in ("online", "offline", "disabled"):
         raise ConfigError(f"log.wandb={cfg.log.wandb!r}: expected online, offline or disabled")
     _reset_single_process_state()

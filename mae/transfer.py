@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from safetensors.torch import save_file
@@ -16,7 +17,8 @@ from torch import nn
 from mae.checkpoint import latest_checkpoint
 from mae.config import ConfigError
 from mae.data import build_eval_loader
-from mae.evaluation import classifier_accuracy
+from mae.evaluation import classifier_accuracy, in_lockstep
+from mae.fsdp import is_sharded, model_state
 
 BEST = "checkpoint-best"
 NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match
@@ -76,16 +78,22 @@ def num_classes_of(cfg: DictConfig, loader) -> int:
 
 
 def val_evaluator(cfg: DictConfig, acc: Accelerator, data_kw: dict):
-    """(model, step) -> {top1, top5, val_loss} over all of data.val, each rank scoring its own part."""
+    """(model, step) -> {top1, top5, val_loss} over all of data.val, each rank scoring its own part (in
+    lockstep when the model is sharded)."""
     if not cfg.data.val:
         return None
     loader = build_eval_loader(
         cfg.data, source=cfg.data.val, rank=acc.process_index, world_size=acc.num_processes, **data_kw
     )
+    shape = (data_kw["in_chans"], data_kw["img_size"], data_kw["img_size"])
+
+    def any_rank(flag: bool) -> bool:
+        return acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0
 
     def evaluate(model: nn.Module, step: int) -> dict:
+        batches = in_lockstep(loader, any_rank, shape) if is_sharded(model) else loader
         return classifier_accuracy(
-            model, loader, acc.device, acc.autocast, lambda t: acc.reduce(t, reduction="sum")
+            model, batches, acc.device, acc.autocast, lambda t: acc.reduce(t, reduction="sum")
         )
 
     return evaluate
@@ -104,19 +112,22 @@ def best_keeper(cfg: DictConfig, acc: Accelerator, log=print):
         if metrics["top1"] <= best["top1"]:
             return
         best["top1"] = metrics["top1"]
+        if acc.is_main_process or is_sharded(model):  # sharded: every rank gathers, rank 0 writes
+            state = model_state(model)
         if acc.is_main_process:
-            save_best(out, model, {"step": step, "task": cfg.task, **metrics})
+            save_best(out, state, {"step": step, "task": cfg.task, **metrics})
             log(f"new best top-1 {metrics['top1']:.2f}% at step {step}: {out / BEST}")
 
     return on_eval
 
 
-def save_best(out: Path, model: nn.Module, meta: dict) -> Path:
+def save_best(out: Path, state: dict, meta: dict) -> Path:
+    """Write the weights `state` (model_state of the model) and `meta` to out/checkpoint-best/, atomically."""
     tmp, final = out / f"{BEST}.tmp", out / BEST
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "meta.json").write_text(json.dumps(meta))
     old = out / f"{BEST}.old"

@@ -73,9 +73,17 @@ def figure(panels, mean, std, min_size: int = 112) -> Image.Image:
 
 
 def save_reconstructions(
-    model: nn.Module, imgs: torch.Tensor, path: str | Path, mean, std, mask_ratio: float = 0.75, seed: int = 0
+    model: nn.Module,
+    imgs: torch.Tensor,
+    path: str | Path,
+    mean,
+    std,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    write: bool = True,
 ) -> Path:
-    """Write the reconstruction PNG for `imgs` with a fixed masking seed (comparable across checkpoints)."""
+    """Write the reconstruction PNG for `imgs` with a fixed masking seed (comparable across checkpoints).
+    `write=False` runs the forward only (the other ranks of a sharded model)."""
     device = next(model.parameters()).device
     imgs = imgs.to(device)
     g = torch.Generator().manual_seed(seed)
@@ -83,6 +91,8 @@ def save_reconstructions(
     noise = torch.rand(imgs.shape[0], num_patches, generator=g).to(device)
     panels = reconstruct(model, imgs, mask_ratio, noise)
     path = Path(path)
+    if not write:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     figure(panels, mean, std).save(tmp)

@@ -29,3 +29,20 @@ TINY_MODEL = [
     "model.decoder_depth=1",
     "model.decoder_num_heads=2",
 ]
+
+
+# `python TWO_CPU_PROCESSES script args`: two synchronised processes on the CPU (gloo), with
+# ACCELERATE_USE_CPU=1 in the environment (`accelerate launch --cpu` starts only one).
+TWO_CPU_PROCESSES = [
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mae.pretrain import main
-from tests.conftest import TINY_MODEL, needs_fmnist
+from tests.conftest import TINY_MODEL, TWO_CPU_PROCESSES, needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,17 +187,7 @@ def test_two_process_ddp_on_shards_ends_with_identical_weights(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT))
     cmd = [
         sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *TWO_CPU_PROCESSES,
         str(script),
         f"data.train={shards}",
         f"output_dir={out}",

@@ -1,0 +1,140 @@
+"""Fully sharded data parallel (`train.fsdp=true`) and the state dicts every checkpoint goes through.
+
+Sharding is PyTorch's FSDP2 (`fully_shard`): each transformer block is one unit, the rest of the model is
+the root's unit. Parameters, gradients and optimizer state are split over the processes; a block's weights
+are gathered for its forward and backward only. It runs on NCCL (GPUs) and gloo (CPU processes) alike.
+Under bf16 the weights are gathered in bf16 and gradients reduced in fp32.
+
+Checkpoints hold full (unsharded) tensors whether or not a run is sharded: weights keyed like
+`model.state_dict()`, and optimizer state keyed by parameter name (the format of
+`torch.distributed.checkpoint.state_dict`). A run can therefore resume with or without sharding and on
+another number of processes, and `mae.export` / `model.init` read its checkpoints as any other.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Methods other than forward that run the model on their own (k-NN features); FSDP gathers the root's
+# weights around them as it does around forward.
+FORWARD_METHODS = ("forward_features",)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: nn.Module, groups: list[dict], precision: str) -> list[dict]:
+    """Shard `model` in place (every transformer block, then the root) and return the optimizer parameter
+    groups with the sharded parameters in place of the originals (matched by name)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from mae.models.vit import Block
+
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    # The model's outputs include slices of larger tensors (pred without the cls row); nothing here
+    # modifies them in place, which is what FSDP warns about on every forward.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    params = dict(model.named_parameters())
+    return [{**g, "params": [params[n] for n in g["names"]]} for g in groups]
+
+
+@contextmanager
+def no_grad_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally (micro-steps before the last): no reduce-scatter."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights on the CPU. Sharded: a collective (every rank calls it); rank 0 gets the tensors and the
+    other ranks an empty dict."""
+    if not is_sharded(model):
+        return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights (every rank holds them) into the model, sharded or not; keys must match exactly."""
+    if not is_sharded(model):
+        model.load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options(strict=True))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dict]) -> dict:
+    """Full optimizer state keyed by parameter name. Sharded: a collective; rank 0 gets it, the others {}.
+    `groups` are the optimizer's parameter groups with their "names" (mae.optim.param_groups)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+    return _by_name(optimizer.state_dict(), _names(groups))
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dict], state: dict
+) -> None:
+    """Load a full optimizer state (keyed by name, or by index as `optimizer.state_dict()` writes it)."""
+    names = _names(groups)
+    by_index = any(isinstance(g["params"][0], int) for g in state["param_groups"] if g["params"])
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            model, optimizer, _by_name(state, names) if by_index else state, options=_options()
+        )
+        return
+    optimizer.load_state_dict(state if by_index else _by_index(state, names))
+
+
+def _names(groups: list[dict]) -> list[str]:
+    return [n for g in groups for n in g["names"]]
+
+
+def _by_name(state: dict, names: list[str]) -> dict:
+    return {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def _by_index(state: dict, names: list[str]) -> dict:
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [n for g in state["param_groups"] for n in g["params"] if n not in index]
+    if unknown:
+        raise ValueError(f"optimizer state for parameters this model lacks: {', '.join(unknown[:3])}")
+    return {
+        "state": {index[n]: s for n, s in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
