@@ -81,8 +81,7 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self.raw_model = task.model
         self.groups = task.groups
-        # train.fsdp: shard parameters, gradients and optimizer state (one process: nothing to shard)
-        self.sharded = bool(cfg.train.fsdp) and accelerator.num_processes > 1
+        self.sharded = fsdp.enabled(cfg, accelerator.num_processes)
         self.derived: Derived = derive(cfg, accelerator.num_processes, task.loader.steps_per_epoch)
         self.step = 0
         self.bad_samples = 0

@@ -25,6 +25,11 @@ from torch import nn
 FORWARD_METHODS = ("forward_features",)
 
 
+def enabled(cfg, num_processes: int) -> bool:
+    """Whether a run shards its model: train.fsdp with more than one process (one has nothing to shard)."""
+    return bool(cfg.train.fsdp) and num_processes > 1
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

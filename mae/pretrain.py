@@ -23,6 +23,7 @@ from mae.config import ConfigError  # noqa: E402
 from mae.data import build_eval_loader, build_train_loader, train_split  # noqa: E402
 from mae.engine import Task, run_entry, seed_everything  # noqa: E402
 from mae.evaluation import extract_features, knn_top1, mean_patch_features  # noqa: E402
+from mae.fsdp import enabled as fsdp_enabled  # noqa: E402
 from mae.fsdp import is_sharded  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
 from mae.viz import save_reconstructions  # noqa: E402
@@ -71,7 +72,7 @@ def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
 def reconstruction_hook(cfg: DictConfig, acc: Accelerator, data_kw: dict):
     """At each checkpoint: the reconstruction figure of a fixed set of images with a fixed mask, written by
     rank 0. Sharded (FSDP), every rank runs the same forward (it is collective)."""
-    if cfg.log.viz_images <= 0 or not (acc.is_main_process or (cfg.train.fsdp and acc.num_processes > 1)):
+    if cfg.log.viz_images <= 0 or not (acc.is_main_process or fsdp_enabled(cfg, acc.num_processes)):
         return None
     source = cfg.data.val or cfg.data.train
     loader = build_eval_loader(
