@@ -21,6 +21,10 @@ from pathlib import Path
 
 import yaml
 
+if not __package__:  # run as a script: `experiments` is importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.pixel_baselines import baselines  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SIZE = 60_000
 NAMES = {"finetune": "fine-tuning", "linprobe": "linear probing"}
@@ -103,7 +107,7 @@ def run_overrides(
     }
 
 
-def plot_curves(pre: Path, fig_dir: Path) -> list[str]:
+def plot_curves(pre: Path, fig_dir: Path, pixel_knn: float) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +126,9 @@ def plot_curves(pre: Path, fig_dir: Path) -> list[str]:
     knn = [x for x in r if "knn_top1" in x]
     if knn:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([x["epoch"] for x in knn], [x["knn_top1"] for x in knn], marker="o")
+        ax.plot([x["epoch"] for x in knn], [x["knn_top1"] for x in knn], marker="o", label="MAE encoder")
+        ax.axhline(pixel_knn, color="grey", ls="--", label=f"raw pixels ({pixel_knn:.1f}%)")
+        ax.legend(loc="lower right")
         ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN monitor during pretraining (test images)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -178,12 +184,21 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((kind, init, fraction), {}).setdefault(blr, []).append(top1)
                         print(f"{out.name}: top-1 {top1:.2f}", flush=True)
 
-    figures = plot_curves(pre, fig_dir)
+    pixels_path = root / "pixel_baselines.json"
+    if not pixels_path.is_file():  # a few minutes, once: the rows every other number reads against
+        t = time.time()
+        log_cfg = yaml.safe_load((pre / "config.yaml").read_text())["log"]
+        base = baselines(b["label_fractions"], log_cfg["knn_train_samples"], log_cfg["knn_val_samples"])
+        pixels_path.write_text(json.dumps(base, indent=1))
+        timed("pixel_baselines", time.time() - t)
+    pixels = json.loads(pixels_path.read_text())
+
+    figures = plot_curves(pre, fig_dir, pixels["knn_monitor"])
     recon = pre / "reconstruction-last.png"
     if recon.is_file():
         shutil.copy(recon, fig_dir / "reconstruction.png")
         figures.append("reconstruction.png")
-    write_report(report, b, budget_path, results, figures, timings, pre)
+    write_report(report, b, budget_path, results, pixels, figures, timings, pre)
     print(f"wrote {report}")
     return 0
 
@@ -194,7 +209,14 @@ def best_blr(by_blr: dict) -> float | None:
 
 
 def write_report(
-    report: Path, b: dict, budget_path: Path, results: dict, figures: list[str], timings: dict, pre: Path
+    report: Path,
+    b: dict,
+    budget_path: Path,
+    results: dict,
+    pixels: dict,
+    figures: list[str],
+    timings: dict,
+    pre: Path,
 ) -> None:
     pre_rows = rows(pre)
     losses = [r["loss"] for r in pre_rows if "loss" in r]
@@ -231,6 +253,7 @@ def write_report(
             tag = f" (blr {s_blr:g})" if s_blr is not None and len(scratch) > 1 else ""
             cells += [fmt(m), fmt(s) + tag, f"{statistics.mean(m) - statistics.mean(s):+.2f}"]
         lines.append(f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | " + " | ".join(cells) + " |")
+    lines += pixel_rows(b["label_fractions"], pixels)
     for kind in swept:
         sweep = b[kind]["scratch_blr"]
         lines += [
@@ -253,7 +276,8 @@ def write_report(
         + " (60,000 images, no labels): "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
         + (
-            f"; k-NN top-1 {knn[0]:.1f}% after the first epoch, {knn[-1]:.1f}% at the end ({_knn_setup(pre)})"
+            f"; k-NN top-1 {knn[0]:.1f}% after the first epoch, {knn[-1]:.1f}% at the end ({_knn_setup(pre)}; "
+            f"the same k-NN on the raw pixels: {pixels['knn_monitor']:.1f}%)"
             if knn
             else ""
         )
@@ -267,7 +291,8 @@ def write_report(
         "",
         f"- Hardware: {_cpu_name()}, {_cpu_count()} CPU cores, no GPU; bf16 autocast.",
         f"- Compute time: {total / 60:.1f} min in all (pretraining {timings.get('pretrain', 0) / 60:.1f} min, "
-        f"{len(timings) - 1} fine-tune / probe runs {(total - timings.get('pretrain', 0)) / 60:.1f} min).",
+        f"{len(timings) - 1} fine-tune / probe runs and the pixel baselines "
+        f"{(total - timings.get('pretrain', 0)) / 60:.1f} min).",
         f"- Budget file: `{budget_path.relative_to(ROOT) if budget_path.is_relative_to(ROOT) else budget_path}`; "
         f"fine-tuning {b['finetune']['samples_seen']} images per run (recipe `{b['finetune']['recipe']}`), linear "
         f"probing {b['linprobe']['samples_seen']} (recipe `{b['linprobe']['recipe']}`).",
@@ -276,6 +301,23 @@ def write_report(
         "",
     ]
     report.write_text("\n".join(lines))
+
+
+def pixel_rows(fractions: list[float], pixels: dict) -> list[str]:
+    """The context table: the same labelled subsets and test images, classified from the raw pixels."""
+    lines = [
+        "",
+        "No learning at all, for context: the same labelled subsets and test images, classified from the "
+        "normalised pixels (logistic regression with the best L2 penalty of a small sweep, chosen on the test "
+        "images; 20-NN with the k-NN monitor's cosine weighting):",
+        "",
+        "| labels | linear classifier on pixels | 20-NN on pixels |",
+        "| --- | --- | --- |",
+    ]
+    for f in fractions:
+        lin, knn, l2 = pixels["linear"][str(f)], pixels["knn"][str(f)], pixels["linear_l2"][str(f)]
+        lines.append(f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | {lin:.2f} (L2 {l2:g}) | {knn:.2f} |")
+    return lines
 
 
 def _knn_setup(pre: Path) -> str:
