@@ -228,3 +228,21 @@ def test_wandb_offline_run_is_continued_on_resume(tmp_path, monkeypatch):
     run_id = (out / "wandb_id").read_text().strip()
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+def test_masking_noise_never_repeats_across_micro_steps_for_any_grad_accum():
+    """grad_accum 130 (vit_huge on one GPU needs 128): every (rank, step, micro) draws its own masks, and the
+    same tuple always draws the same ones (what exact resume relies on)."""
+    from mae.pretrain import masking_noise
+
+    images = torch.zeros(2, 3, 8, 8)
+    draws = {
+        (rank, step, micro): masking_noise(images, 16, 0, rank, step, micro)
+        for rank in range(2)
+        for step in range(3)
+        for micro in range(130)
+    }
+    rows = {tuple(row.tolist()) for noise in draws.values() for row in noise}
+    assert len(rows) == 2 * len(draws)
+    assert torch.equal(masking_noise(images, 16, 0, 1, 2, 64), draws[(1, 2, 64)])
+    assert not torch.equal(masking_noise(images, 16, 1, 1, 2, 64), draws[(1, 2, 64)])  # the run seed counts
