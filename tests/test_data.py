@@ -2,9 +2,11 @@
 
 import gzip
 import io
+import json
 import os
 import struct
 import tarfile
+from itertools import islice
 from types import SimpleNamespace
 
 import numpy as np
@@ -80,6 +82,74 @@ def test_shards_two_ranks_two_workers_every_sample_once(tmp_path, n_shards, per_
         assert labels == [i % 3 for i in seen]
         seen_by_epoch.append(seen)
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
+
+
+UNEVEN = [11, 2, 7, 1, 13, 6]  # 40 samples in shards of very different sizes
+
+
+def write_uneven_shards(d, sizes: list[int], manifest: bool) -> list[int]:
+    """Shards of the given sizes, sample ids numbered across them; a dataset.json manifest or none."""
+    os.makedirs(d, exist_ok=True)
+    for s in range(len(sizes)):
+        with wds.TarWriter(os.path.join(d, f"train-{s:06d}.tar")) as w:
+            for k in range(sum(sizes[:s]), sum(sizes[: s + 1])):
+                w.write({"__key__": f"{k:06d}", "png": png_bytes(k, k % 3), "cls": str(k % 3).encode()})
+    if manifest:
+        shards = [{"name": f"train-{s:06d}.tar", "samples": n} for s, n in enumerate(sizes)]
+        (d / "dataset.json").write_text(json.dumps({"shards": shards, "classes": None}))
+    return list(range(sum(sizes)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_uneven_shards_one_epoch_reads_every_sample_once(tmp_path, world_size, workers):
+    """As the reference's DistributedSampler: every sample once per epoch whatever the shard sizes, ranks
+    and workers; with a sample count that no batch x ranks divides, the dropped rest is less than one
+    global batch and nothing repeats. The order is a pure function of (seed, epoch), resume included."""
+    ids = write_uneven_shards(tmp_path / "a", UNEVEN, manifest=True)
+    cfg = data_cfg(num_workers=workers, shuffle_buffer=8)
+    loader, per_rank = run_epoch(cfg, str(tmp_path / "a"), world_size, batch_size=4, epoch=2)
+    seen = [i for batches in per_rank for x, _, _ in batches for i in ids_of(x)]
+    assert sorted(seen) == ids
+    assert all(len(batches) == loader.steps_per_epoch for batches in per_rank)
+    assert [int(y) for b in per_rank for _, ys, _ in b for y in ys] == [i % 3 for i in seen]
+
+    _, again = run_epoch(cfg, str(tmp_path / "a"), world_size, batch_size=4, epoch=2)
+    assert [i for b in again for x, _, _ in b for i in ids_of(x)] == seen
+    _, resumed = run_epoch(cfg, str(tmp_path / "a"), world_size, batch_size=4, epoch=2, start_step=1)
+    assert [ids_of(x) for x, _, _ in resumed[-1]] == [ids_of(x) for x, _, _ in per_rank[-1][1:]]
+
+    ids = write_uneven_shards(tmp_path / "b", [*UNEVEN, 5], manifest=False)  # 45: sizes from tar headers
+    loader, per_rank = run_epoch(cfg, str(tmp_path / "b"), world_size, batch_size=4, epoch=0)
+    seen = [i for batches in per_rank for x, _, _ in batches for i in ids_of(x)]
+    assert len(seen) == len(set(seen)) == loader.steps_per_epoch * 4 * world_size > len(ids) - 4 * world_size
+
+
+def test_piece_of_a_local_shard_starts_at_its_offset_with_the_same_samples(tmp_path):
+    """A piece that starts inside a local shard seeks to its first sample (read from the member headers)
+    and yields exactly what reading the shard from its start and dropping the samples before would."""
+    from mae.data.shards import ShardStream, resolve_shards, sample_offset
+
+    write_uneven_shards(tmp_path, [9], manifest=False)
+    url = str(tmp_path / "train-000000.tar")
+    stream = ShardStream(resolve_shards(url), transform=None, in_chans=3, img_size=8, batch_size=2, seed=0,
+                         epoch=0, rank=0, world_size=1, train=True)  # fmt: skip
+    keys = [s["__key__"] for s in stream._piece(url, 3, 7)]
+    assert (
+        keys
+        == [s["__key__"] for s in islice(stream._samples([url]), 3, 7)]
+        == ["000003", "000004", "000005", "000006"]
+    )
+    assert sample_offset(url, 3) > 0 and sample_offset(url, 9) is None
+
+
+def test_shard_shorter_than_its_manifest_keeps_every_batch_in_place(tmp_path):
+    ids = write_uneven_shards(tmp_path, [6, 6], manifest=False)
+    (tmp_path / "dataset.json").write_text(json.dumps({"shards": [
+        {"name": "train-000000.tar", "samples": 8}, {"name": "train-000001.tar", "samples": 6}]}))  # fmt: skip
+    _, (batches,) = run_epoch(data_cfg(), str(tmp_path), world_size=1, batch_size=7)
+    assert len(batches) == 2 and sum(n for *_, n in batches) == 2
+    assert sorted(i for x, _, _ in batches for i in ids_of(x)) == ids
 
 
 def test_shard_resume_matches_uninterrupted(tmp_path):
