@@ -423,3 +423,41 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     out = post.aug_fn(img, 0)
     assert out.size == img.size and out.getpixel((0, 0)) == (0, 0, 0)
     assert post.aug_fn(img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+def reference_crop_params(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The reference linear probe's crop box (facebookresearch/mae util/crop.py), transcribed: one draw of
+    area and log aspect ratio, clamped to the image."""
+    import math
+
+    target_area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+    w = min(int(round(math.sqrt(target_area * aspect_ratio))), width)
+    h = min(int(round(math.sqrt(target_area / aspect_ratio))), height)
+    i = torch.randint(0, height - h + 1, size=(1,)).item()
+    j = torch.randint(0, width - w + 1, size=(1,)).item()
+    return i, j, h, w
+
+
+@pytest.mark.parametrize("size,ref_area,tv_area", [((500, 375), 0.518, 0.435), ((500, 333), 0.502, 0.391)])
+def test_linprobe_crop_is_the_reference_single_draw_crop(size, ref_area, tv_area):
+    """Same boxes as the reference for the same torch RNG state, hence its larger mean crop area than
+    torchvision's retry-loop crop."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    from mae.data import build_transform
+
+    crop = next(t for t in build_transform(data_cfg(scale_min=0.08), "linprobe", 224, 3).transforms)
+    img = Image.new("RGB", size)
+    torch.manual_seed(0)
+    ours = [crop.get_params(img, crop.scale, crop.ratio) for _ in range(4000)]
+    torch.manual_seed(0)
+    assert ours == [reference_crop_params(*size) for _ in range(4000)]
+    torch.manual_seed(0)
+    torchvision = [RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
+    area = lambda boxes: sum(h * w for *_, h, w in boxes) / len(boxes) / (size[0] * size[1])  # noqa: E731
+    assert area(ours) == pytest.approx(ref_area, abs=0.01) and area(torchvision) == pytest.approx(
+        tv_area, abs=0.01
+    )
+    assert crop.size == (224, 224) and crop.interpolation == InterpolationMode.BICUBIC

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
+from .crop import SingleDrawRandomResizedCrop
 from .sources import DataError
 
 log = logging.getLogger("mae.data")
@@ -43,7 +44,7 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
     mae:      RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference pretraining.
     finetune: timm's create_transform (RandAugment, random erasing) for RGB; grayscale goes through RGB for
               RandAugment and back; RGBA gets crop + flip + erasing (RandAugment's ops are defined for RGB).
-    linprobe: RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference linear probe.
+    linprobe: the reference probe's single-draw RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip.
     Every training crop honours data.scale_min (the reference: 0.2 pretraining, 0.08 fine-tuning / probing).
     none:     the eval transform: resize to img_size / crop_pct, center crop.
     """
@@ -61,7 +62,7 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
             ]
         )
     if augment == "linprobe":
-        crop = T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
+        crop = SingleDrawRandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
         return T.Compose([crop, *flip, *tail])
     if augment == "finetune":
         return _finetune_transform(cfg, img_size, in_chans, mean, std)
