@@ -125,6 +125,23 @@ def test_uneven_shards_one_epoch_reads_every_sample_once(tmp_path, world_size, w
     assert len(seen) == len(set(seen)) == loader.steps_per_epoch * 4 * world_size > len(ids) - 4 * world_size
 
 
+@pytest.mark.parametrize("epoch_samples", [17, 100])
+def test_epoch_samples_other_than_the_shards_total_read_passes_evenly(epoch_samples):
+    """data.epoch_samples below the total reads a part, each sample at most once; above it, pass after
+    pass, so every sample is read floor or ceil(epoch_samples / total) times."""
+    from mae.data.shards import epoch_pieces, worker_span
+
+    offsets, reads = np.cumsum([0, *UNEVEN]), np.zeros(sum(UNEVEN), dtype=int)
+    steps = epoch_samples // (2 * 4)
+    for rank in range(2):
+        for role in range(3):
+            begin, end = worker_span(rank, role, 2, 3, steps, 4)
+            for i, first, stop in epoch_pieces(UNEVEN, 0, 5, begin, end):
+                reads[offsets[i] + first : offsets[i] + stop] += 1
+    assert reads.sum() == steps * 2 * 4
+    assert reads.max() - reads.min() <= 1
+
+
 def test_piece_of_a_local_shard_starts_at_its_offset_with_the_same_samples(tmp_path):
     """A piece that starts inside a local shard seeks to its first sample (read from the member headers)
     and yields exactly what reading the shard from its start and dropping the samples before would."""
