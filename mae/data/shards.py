@@ -199,8 +199,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     train=True: exactly `steps` batches per rank, batch b from worker b % num_workers (the DataLoader's
     round-robin order). With known shard sizes each worker reads its worker_span of the epoch's sequence
-    (whole shards and pieces of shards; the members before a piece are read, not decoded) through a seeded
-    shuffle buffer, so the epoch reads every sample once. Sizes unknown (remote shards, no manifest): whole
+    (whole shards and pieces of shards, see _piece) through a seeded shuffle buffer, so the epoch reads
+    every sample once. Sizes unknown (remote shards, no manifest): whole
     shards split by rank and worker, and a worker that exhausts its shards starts another shuffled pass.
     train=False: every sample once, in order; with fewer shards than ranks x workers every worker reads all
     shards and keeps every (ranks x workers)-th sample.
