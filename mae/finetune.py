@@ -29,7 +29,7 @@ from mae.config import ConfigError  # noqa: E402
 from mae.data import build_train_loader  # noqa: E402
 from mae.engine import Task, run_entry, seed_everything  # noqa: E402
 from mae.models import layer_id  # noqa: E402
-from mae.optim import param_groups  # noqa: E402
+from mae.optim import VIT_NO_DECAY, param_groups  # noqa: E402
 from mae.transfer import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -37,7 +37,8 @@ from mae.transfer import best_keeper, init_encoder, num_classes_of, val_evaluato
 
 def layer_decay_groups(model: nn.Module, cfg: DictConfig) -> list[dict]:
     """BEiT layer-wise lr decay: lr_scale = layer_decay ** (depth + 1 - layer), embeddings layer 0,
-    block i layer i + 1, head and final norms layer depth + 1 (scale 1)."""
+    block i layer i + 1, head and final norms layer depth + 1 (scale 1). No decay on 1-d parameters, the
+    cls token and the position table, as the reference fine-tuning."""
     depth = len(model.blocks)
     return param_groups(
         model,
@@ -45,6 +46,7 @@ def layer_decay_groups(model: nn.Module, cfg: DictConfig) -> list[dict]:
         layer_decay=cfg.train.layer_decay,
         layer_id=partial(layer_id, depth=depth),
         num_layers=depth + 1,
+        no_decay_names=VIT_NO_DECAY,
     )
 
 

@@ -83,7 +83,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         raise ConfigError("model.drop_path must be 0 for linear probing (the encoder is frozen)")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     vit = build_vit(cfg, num_classes)
-    init_encoder(vit, cfg, log)
+    init_encoder(vit, cfg, log, keep_head=False)  # the probe brings its own head
     model = LinearProbe(vit, num_classes)
     seed_everything(cfg.seed, acc.process_index)
 

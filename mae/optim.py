@@ -8,8 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# Never decayed: the reference excludes every 1-d parameter (biases, norms) and the learned tokens.
-NO_DECAY_NAMES = {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token"}
+# Every 1-d parameter (biases, norm scales) is never decayed. Pretraining decays everything else, the tokens
+# included, as the reference does (timm's add_weight_decay with no skip list; its position tables are fixed).
+# Fine-tuning also spares what timm's VisionTransformer.no_weight_decay() names, as the reference does.
+VIT_NO_DECAY = frozenset({"cls_token", "pos_embed", "dist_token"})
 
 
 def param_groups(
@@ -18,8 +20,12 @@ def param_groups(
     layer_decay: float = 1.0,
     layer_id: Callable[[str], int] | None = None,
     num_layers: int = 0,
+    no_decay_names: frozenset[str] = frozenset(),
 ) -> list[dict]:
     """Split trainable parameters into decay / no-decay groups, each with an `lr_scale`.
+
+    No decay on 1-d parameters and on the top-level parameters named in `no_decay_names` (fine-tuning:
+    VIT_NO_DECAY); frozen parameters are left out.
 
     With `layer_decay` < 1 (BEiT-style fine-tuning), the parameters of layer i get
     lr_scale = layer_decay ** (num_layers - i), where `layer_id(name)` is 0 for the embeddings,
@@ -29,7 +35,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name in NO_DECAY_NAMES
+        no_decay = p.ndim <= 1 or name in no_decay_names
         lid = layer_id(name) if (layer_id is not None and layer_decay != 1.0) else num_layers
         key = (lid, no_decay)
         if key not in groups:

@@ -14,6 +14,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not its siblings
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -31,10 +32,17 @@ from mae.viz import save_reconstructions  # noqa: E402
 
 def masking_noise(images: torch.Tensor, num_patches: int, seed: int, rank: int, step: int, micro: int):
     """Per-sample masking noise (N, L), a pure function of (seed, rank, step, micro-step): a resumed run
-    draws exactly the masks the uninterrupted run would have drawn."""
-    g = torch.Generator(device=images.device)
-    g.manual_seed(((seed * 100_003 + rank) * 1_000_000_007 + step * 64 + micro) % (2**63 - 1))
-    return torch.rand(images.shape[0], num_patches, generator=g, device=images.device)
+    draws exactly the masks the uninterrupted run would have drawn.
+
+    A Philox stream keyed by (seed, rank) and started at counter (step, micro) in its two high words: every
+    (seed, rank, step, micro) of 64-bit values gets its own stream, whatever train.grad_accum is (the draws
+    advance only the low words)."""
+    bits = np.random.Philox(key=((seed & _M64) << 64) | rank, counter=(micro << 192) | (step << 128))
+    noise = np.random.Generator(bits).random((images.shape[0], num_patches), dtype=np.float32)
+    return torch.from_numpy(noise).to(images.device)
+
+
+_M64 = (1 << 64) - 1
 
 
 def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):

@@ -24,11 +24,14 @@ BEST = "checkpoint-best"
 NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match
 
 
-def load_init(model: nn.Module, source: str, log=print) -> tuple[list[str], list[str]]:
+def load_init(
+    model: nn.Module, source: str, log=print, keep_head: bool = True
+) -> tuple[list[str], list[str]]:
     """Load `model.init` (a run dir, a checkpoint dir, a reference `.pth`, a timm file) into the ViT's
-    encoder; position tables are interpolated (bicubic) when the patch grid differs. Returns and prints
-    (missing, unexpected) keys; the head (and fc_norm under global pooling) is expected to be missing, and
-    any other missing or unexpected key (another depth, say) is an error."""
+    encoder; position tables are interpolated (bicubic) when the patch grid differs; a classifier head of
+    the model's shape is kept (keep_head). Returns and prints (missing, unexpected) keys; the head (and
+    fc_norm under global pooling) may be missing, and any other missing or unexpected key (another depth,
+    say) is an error."""
     if not source:
         log("model.init is empty: random initialisation (training from scratch)")
         return [], []
@@ -37,7 +40,7 @@ def load_init(model: nn.Module, source: str, log=print) -> tuple[list[str], list
     from mae.weights import load_encoder_into_vit
 
     try:
-        missing, unexpected = load_encoder_into_vit(model, source, verbose=False)
+        missing, unexpected = load_encoder_into_vit(model, source, verbose=False, keep_head=keep_head)
     except ConfigError:
         raise
     except (ValueError, KeyError, RuntimeError, OSError) as e:
@@ -54,18 +57,20 @@ def load_init(model: nn.Module, source: str, log=print) -> tuple[list[str], list
             "set model.name / depth / embed_dim / patch_size to the checkpoint's"
         )
     log(f"initialised from {source}")
+    if keep_head and isinstance(getattr(model, "head", None), nn.Linear) and "head.weight" not in missing:
+        log(f"  classifier head kept from {source} (its {model.head.out_features} classes match)")
     log(f"  missing keys (newly initialised): {', '.join(missing) or 'none'}")
     log(f"  unexpected keys (ignored): {', '.join(unexpected) or 'none'}")
     return list(missing), list(unexpected)
 
 
-def init_encoder(model: nn.Module, cfg: DictConfig, log=print) -> None:
+def init_encoder(model: nn.Module, cfg: DictConfig, log=print, keep_head: bool = True) -> None:
     """load_init(model.init), unless this run resumes: its checkpoint holds the weights (and model.init may
     have moved since)."""
     if cfg.checkpoint.resume and latest_checkpoint(cfg.output_dir) is not None:
         log(f"resuming in {cfg.output_dir}: weights come from its checkpoint, model.init is not read")
         return
-    load_init(model, cfg.model.init, log)
+    load_init(model, cfg.model.init, log, keep_head)
 
 
 def num_classes_of(cfg: DictConfig, loader) -> int:

@@ -289,17 +289,23 @@ def _check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: 
 
 
 def load_encoder_into_vit(
-    vit, source: str | Path | Mapping, verbose: bool = True
+    vit, source: str | Path | Mapping, verbose: bool = True, keep_head: bool = True
 ) -> tuple[list[str], list[str]]:
     """Initialise a VisionTransformer's encoder from an MAE run / checkpoint, a reference-release file (full
     or encoder-only), a timm state dict or file. Returns (missing, unexpected) keys.
 
-    As the reference fine-tuning: the head is never loaded; under global pooling the pretrained final
-    `norm` is dropped and `fc_norm` starts fresh (unless the source has an `fc_norm`); a position table of
-    another grid is resized bicubically.
+    As the reference fine-tuning: a classifier head is loaded when its shape matches the model's (and
+    keep_head), dropped otherwise; under global pooling the pretrained final `norm` is dropped and `fc_norm`
+    starts fresh (unless the source has an `fc_norm`); a position table of another grid is resized
+    bicubically.
     """
     sd, what = _source_state_dict(source)
-    sd = {k: v for k, v in sd.items() if not k.startswith((*_DECODER_PREFIXES, "head."))}
+    own = vit.state_dict()
+    head_fits = keep_head and all(
+        k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith("head.")
+    )
+    drop = (*_DECODER_PREFIXES,) if head_fits else (*_DECODER_PREFIXES, "head.")
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
     if vit.global_pool and "fc_norm.weight" not in sd:
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     if "pos_embed" in sd:

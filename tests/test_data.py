@@ -2,9 +2,11 @@
 
 import gzip
 import io
+import json
 import os
 import struct
 import tarfile
+from itertools import islice
 from types import SimpleNamespace
 
 import numpy as np
@@ -80,6 +82,91 @@ def test_shards_two_ranks_two_workers_every_sample_once(tmp_path, n_shards, per_
         assert labels == [i % 3 for i in seen]
         seen_by_epoch.append(seen)
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
+
+
+UNEVEN = [11, 2, 7, 1, 13, 6]  # 40 samples in shards of very different sizes
+
+
+def write_uneven_shards(d, sizes: list[int], manifest: bool) -> list[int]:
+    """Shards of the given sizes, sample ids numbered across them; a dataset.json manifest or none."""
+    os.makedirs(d, exist_ok=True)
+    for s in range(len(sizes)):
+        with wds.TarWriter(os.path.join(d, f"train-{s:06d}.tar")) as w:
+            for k in range(sum(sizes[:s]), sum(sizes[: s + 1])):
+                w.write({"__key__": f"{k:06d}", "png": png_bytes(k, k % 3), "cls": str(k % 3).encode()})
+    if manifest:
+        shards = [{"name": f"train-{s:06d}.tar", "samples": n} for s, n in enumerate(sizes)]
+        (d / "dataset.json").write_text(json.dumps({"shards": shards, "classes": None}))
+    return list(range(sum(sizes)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_uneven_shards_one_epoch_reads_every_sample_once(tmp_path, world_size, workers):
+    """As the reference's DistributedSampler: every sample once per epoch whatever the shard sizes, ranks
+    and workers; with a sample count that no batch x ranks divides, the dropped rest is less than one
+    global batch and nothing repeats. The order is a pure function of (seed, epoch), resume included."""
+    ids = write_uneven_shards(tmp_path / "a", UNEVEN, manifest=True)
+    cfg = data_cfg(num_workers=workers, shuffle_buffer=8)
+    loader, per_rank = run_epoch(cfg, str(tmp_path / "a"), world_size, batch_size=4, epoch=2)
+    seen = [i for batches in per_rank for x, _, _ in batches for i in ids_of(x)]
+    assert sorted(seen) == ids
+    assert all(len(batches) == loader.steps_per_epoch for batches in per_rank)
+    assert [int(y) for b in per_rank for _, ys, _ in b for y in ys] == [i % 3 for i in seen]
+
+    _, again = run_epoch(cfg, str(tmp_path / "a"), world_size, batch_size=4, epoch=2)
+    assert [i for b in again for x, _, _ in b for i in ids_of(x)] == seen
+    _, resumed = run_epoch(cfg, str(tmp_path / "a"), world_size, batch_size=4, epoch=2, start_step=1)
+    assert [ids_of(x) for x, _, _ in resumed[-1]] == [ids_of(x) for x, _, _ in per_rank[-1][1:]]
+
+    ids = write_uneven_shards(tmp_path / "b", [*UNEVEN, 5], manifest=False)  # 45: sizes from tar headers
+    loader, per_rank = run_epoch(cfg, str(tmp_path / "b"), world_size, batch_size=4, epoch=0)
+    seen = [i for batches in per_rank for x, _, _ in batches for i in ids_of(x)]
+    assert len(seen) == len(set(seen)) == loader.steps_per_epoch * 4 * world_size > len(ids) - 4 * world_size
+
+
+@pytest.mark.parametrize("epoch_samples", [17, 100])
+def test_epoch_samples_other_than_the_shards_total_read_passes_evenly(epoch_samples):
+    """data.epoch_samples below the total reads a part, each sample at most once; above it, pass after
+    pass, so every sample is read floor or ceil(epoch_samples / total) times."""
+    from mae.data.shards import epoch_pieces, worker_span
+
+    offsets, reads = np.cumsum([0, *UNEVEN]), np.zeros(sum(UNEVEN), dtype=int)
+    steps = epoch_samples // (2 * 4)
+    for rank in range(2):
+        for role in range(3):
+            begin, end = worker_span(rank, role, 2, 3, steps, 4)
+            for i, first, stop in epoch_pieces(UNEVEN, 0, 5, begin, end):
+                reads[offsets[i] + first : offsets[i] + stop] += 1
+    assert reads.sum() == steps * 2 * 4
+    assert reads.max() - reads.min() <= 1
+
+
+def test_piece_of_a_local_shard_starts_at_its_offset_with_the_same_samples(tmp_path):
+    """A piece that starts inside a local shard seeks to its first sample (read from the member headers)
+    and yields exactly what reading the shard from its start and dropping the samples before would."""
+    from mae.data.shards import ShardStream, resolve_shards, sample_offset
+
+    write_uneven_shards(tmp_path, [9], manifest=False)
+    url = str(tmp_path / "train-000000.tar")
+    stream = ShardStream(resolve_shards(url), transform=None, in_chans=3, img_size=8, batch_size=2, seed=0,
+                         epoch=0, rank=0, world_size=1, train=True)  # fmt: skip
+    keys = [s["__key__"] for s in stream._piece(url, 3, 7)]
+    assert (
+        keys
+        == [s["__key__"] for s in islice(stream._samples([url]), 3, 7)]
+        == ["000003", "000004", "000005", "000006"]
+    )
+    assert sample_offset(url, 3) > 0 and sample_offset(url, 9) is None
+
+
+def test_shard_shorter_than_its_manifest_keeps_every_batch_in_place(tmp_path):
+    ids = write_uneven_shards(tmp_path, [6, 6], manifest=False)
+    (tmp_path / "dataset.json").write_text(json.dumps({"shards": [
+        {"name": "train-000000.tar", "samples": 8}, {"name": "train-000001.tar", "samples": 6}]}))  # fmt: skip
+    _, (batches,) = run_epoch(data_cfg(), str(tmp_path), world_size=1, batch_size=7)
+    assert len(batches) == 2 and sum(n for *_, n in batches) == 2
+    assert sorted(i for x, _, _ in batches for i in ids_of(x)) == ids
 
 
 def test_shard_resume_matches_uninterrupted(tmp_path):
@@ -353,3 +440,41 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     out = post.aug_fn(img, 0)
     assert out.size == img.size and out.getpixel((0, 0)) == (0, 0, 0)
     assert post.aug_fn(img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+def reference_crop_params(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The reference linear probe's crop box (facebookresearch/mae util/crop.py), transcribed: one draw of
+    area and log aspect ratio, clamped to the image."""
+    import math
+
+    target_area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+    w = min(int(round(math.sqrt(target_area * aspect_ratio))), width)
+    h = min(int(round(math.sqrt(target_area / aspect_ratio))), height)
+    i = torch.randint(0, height - h + 1, size=(1,)).item()
+    j = torch.randint(0, width - w + 1, size=(1,)).item()
+    return i, j, h, w
+
+
+@pytest.mark.parametrize("size,ref_area,tv_area", [((500, 375), 0.518, 0.435), ((500, 333), 0.502, 0.391)])
+def test_linprobe_crop_is_the_reference_single_draw_crop(size, ref_area, tv_area):
+    """Same boxes as the reference for the same torch RNG state, hence its larger mean crop area than
+    torchvision's retry-loop crop."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    from mae.data import build_transform
+
+    crop = next(t for t in build_transform(data_cfg(scale_min=0.08), "linprobe", 224, 3).transforms)
+    img = Image.new("RGB", size)
+    torch.manual_seed(0)
+    ours = [crop.get_params(img, crop.scale, crop.ratio) for _ in range(4000)]
+    torch.manual_seed(0)
+    assert ours == [reference_crop_params(*size) for _ in range(4000)]
+    torch.manual_seed(0)
+    torchvision = [RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
+    area = lambda boxes: sum(h * w for *_, h, w in boxes) / len(boxes) / (size[0] * size[1])  # noqa: E731
+    assert area(ours) == pytest.approx(ref_area, abs=0.01) and area(torchvision) == pytest.approx(
+        tv_area, abs=0.01
+    )
+    assert crop.size == (224, 224) and crop.interpolation == InterpolationMode.BICUBIC

@@ -228,3 +228,46 @@ def test_wandb_offline_run_is_continued_on_resume(tmp_path, monkeypatch):
     run_id = (out / "wandb_id").read_text().strip()
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+def test_masking_noise_never_repeats_across_micro_steps_for_any_grad_accum():
+    """grad_accum 130 (vit_huge on one GPU needs 128): every (rank, step, micro) draws its own masks, and the
+    same tuple always draws the same ones (what exact resume relies on)."""
+    from mae.pretrain import masking_noise
+
+    images = torch.zeros(2, 3, 8, 8)
+    draws = {
+        (rank, step, micro): masking_noise(images, 16, 0, rank, step, micro)
+        for rank in range(2)
+        for step in range(3)
+        for micro in range(130)
+    }
+    rows = {tuple(row.tolist()) for noise in draws.values() for row in noise}
+    assert len(rows) == 2 * len(draws)
+    assert torch.equal(masking_noise(images, 16, 0, 1, 2, 64), draws[(1, 2, 64)])
+    assert not torch.equal(masking_noise(images, 16, 1, 1, 2, 64), draws[(1, 2, 64)])  # the run seed counts
+
+
+PRETRAIN_REFERENCE = {  # published ImageNet-1k top-1 after fine-tuning: (800 epochs or None, 1600 epochs)
+    "vit_base": (None, "83.6%"),  # paper Table 3 (1600); no 800-epoch figure is published
+    "vit_large": ("85.5%", "85.9%"),  # the reference's PRETRAIN.md (800), paper Table 3 (1600)
+    "vit_huge": (None, "86.9%"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PRETRAIN_REFERENCE))
+def test_pretraining_recipes_quote_the_figures_of_their_own_schedule(recipe):
+    """The recipes run the reference's 800 epochs; a 1600-epoch figure is quoted only as such, with the
+    override that gets it, and fp16 is named as the reference's numerics."""
+    from mae.config import load_config
+
+    cfg = load_config([f"recipe={recipe}"], task="pretrain")
+    assert (cfg.train.epochs, cfg.train.warmup_epochs) == (800, 40)
+    header = (ROOT / "recipes" / f"{recipe}.yaml").read_text().split("\nmodel:")[0]
+    paragraphs = header.replace("\n#   ", " ").splitlines()  # a comment's continuation lines are indented
+    at_800 = next(p for p in paragraphs if p.startswith("# 800 epochs (this recipe)"))
+    at_1600 = next(p for p in paragraphs if p.startswith("# 1600 epochs (train.epochs=1600"))
+    published_800, published_1600 = PRETRAIN_REFERENCE[recipe]
+    assert published_1600 in at_1600 and published_1600 not in at_800
+    assert (published_800 or "no figure is published") in at_800
+    assert "train.precision=fp16 reproduces the reference's numerics" in header.replace("\n#   ", " ")

@@ -339,3 +339,51 @@ def test_linprobe_recipe_carries_the_reference_values():
     assert t.batch_size * 32 == 16384 and c.model.global_pool is False and c.model.drop_path == 0.0
     header = (RECIPES / "linprobe_vit_base.yaml").read_text().split("\nmodel:")[0]
     assert "68.0%" in header and "75.8%" in header and "32 x A100" in header
+
+
+def reference_kept_head_keys(checkpoint_model: dict, state_dict: dict) -> set:
+    """The reference fine-tuning's head filter (main_finetune.py), transcribed: a head key of the checkpoint
+    is removed only when its shape differs from the model's."""
+    kept = dict(checkpoint_model)
+    for k in ["head.weight", "head.bias"]:
+        if k in kept and kept[k].shape != state_dict[k].shape:
+            del kept[k]
+    return {k for k in kept if k.startswith("head.")}
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_finetune_from_a_classifier_keeps_its_head_when_the_shape_matches(tmp_path, pretrained, classes):
+    encoder = {k: v for k, v in pretrained.items() if not k.startswith(("decoder", "mask_token"))}
+    head = {"head.weight": torch.randn(classes, 32), "head.bias": torch.randn(classes)}
+    torch.save({"model": {**encoder, **head}}, tmp_path / "classifier.pth")
+    vit = build_vit(tiny_cfg(), 10)
+    lines = []
+    missing, _ = load_init(vit, str(tmp_path / "classifier.pth"), log=lines.append)
+    kept = reference_kept_head_keys(head, vit.state_dict())
+    assert HEAD - set(missing) == kept == (HEAD if classes == 10 else set())
+    assert all(torch.equal(vit.state_dict()[k], head[k]) for k in kept)
+    assert any("classifier head kept" in line for line in lines) == bool(kept)
+    probe_vit = build_vit(tiny_cfg("linprobe_demo", task="linprobe"), 10)
+    assert HEAD <= set(
+        load_init(probe_vit, str(tmp_path / "classifier.pth"), lambda *a: None, keep_head=False)[0]
+    )
+
+
+def reference_eval_resize(input_size: int) -> int:
+    """The reference's eval resize (util/datasets.py build_transform), transcribed: crop_pct 224/256 up to
+    224 px, 1.0 above."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return int(input_size / crop_pct)
+
+
+@pytest.mark.parametrize("img_size", [112, 224, 384, 448])
+def test_eval_resize_follows_the_reference_above_224_px(img_size):
+    from torchvision.transforms import CenterCrop, Resize
+
+    from mae.data import build_transform
+
+    cfg = tiny_cfg("finetune_vit_base", task="finetune").data
+    assert cfg.crop_pct == 0  # the recipes leave it to the reference's rule
+    steps = build_transform(cfg, "none", img_size, 3).transforms
+    resize, crop = (next(t for t in steps if isinstance(t, kind)) for kind in (Resize, CenterCrop))
+    assert (resize.size, crop.size) == (reference_eval_resize(img_size), (img_size, img_size))

@@ -1,9 +1,10 @@
 """Webdataset shards: manifest lookup, URL expansion and the sharded sample stream.
 
 The stream (one readable pipeline, per loader worker):
-  shard list (shuffled with seed+epoch) -> split by rank, then by worker -> tar members grouped by key
-  -> sample shuffle buffer (seeded) -> groups of batch_size raw samples -> decode + augment -> batch.
-Batches are assembled inside the workers; a worker stops after its share of the explicit epoch length.
+  the epoch's sample sequence (shards shuffled with seed+epoch, one after another) -> this (rank, worker)'s
+  span of it, read as pieces of shards -> tar members grouped by key -> sample shuffle buffer (seeded)
+  -> groups of batch_size raw samples -> decode + augment -> batch.
+The spans of all (rank, worker) tile the epoch, so one epoch reads every sample once (docs/data.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from itertools import islice
 import torch
 import webdataset as wds
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from .images import IMAGE_EXTS, BadSampleLog, ImageDecodeError, decode_image
 from .sources import MANIFESTS, DataError
@@ -27,12 +28,13 @@ from .transforms import sample_seed, seeded
 
 log = logging.getLogger("mae.data")
 MANIFEST = MANIFESTS[0]
+MISSING = "__missing__"  # marks the place of a sample a shard lacks (shorter than its manifest says)
 
 
 @dataclass
 class ShardSet:
     urls: list[str]
-    sizes: list[int] | None  # samples per shard when a manifest covers every shard
+    sizes: list[int] | None  # samples per shard (manifest, else tar headers of local shards); None: unknown
     classes: list[str] | None
     num_classes: int
 
@@ -73,6 +75,9 @@ def resolve_shards(source: str) -> ShardSet:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"data source {source!r}: shard {missing[0]} does not exist{more}")
     sizes, classes, num_classes = _sizes_from_manifests(urls)
+    if sizes is None and all(_is_local(u) for u in urls):
+        log.info("no shard manifest for %s: counting samples in %d shards", source, len(urls))
+        sizes = [count_tar_samples(u) for u in urls]
     return ShardSet(urls, sizes, classes, num_classes)
 
 
@@ -113,18 +118,72 @@ def count_tar_samples(path: str) -> int:
     return len(keys)
 
 
+def sample_offset(path: str, k: int) -> int | None:
+    """Byte offset in a local tar of the first member of its sample k (samples counted as count_tar_samples
+    does), found from the member headers alone; None if the tar has no sample k or cannot be read."""
+    seen, last = 0, None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                key, _ = base_plus_ext(m.name)
+                if not m.isfile() or key is None or key == last:
+                    continue
+                if seen == k:
+                    return m.offset
+                seen, last = seen + 1, key
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
 def shard_num_samples(shards: ShardSet, source: str, epoch_samples: int = 0) -> int:
-    """data.epoch_samples when set, else the manifest total, else a header count of local shards."""
+    """data.epoch_samples when set, else the total of the shard sizes (manifest or tar headers)."""
     if epoch_samples > 0:
         return int(epoch_samples)
     if shards.sizes is not None:
         return sum(shards.sizes)
-    if all(_is_local(u) for u in shards.urls):
-        log.info("no shard manifest for %s: counting samples in %d shards", source, len(shards.urls))
-        return sum(count_tar_samples(u) for u in shards.urls)
     raise DataError(
         f"data source {source!r}: the number of samples is unknown (no manifest); set data.epoch_samples"
     )
+
+
+def pass_order(num_shards: int, seed: int, epoch: int, p: int) -> list[int]:
+    """Shard indices in the order of pass `p` of an epoch: a (seed, epoch, pass) shuffle."""
+    order = list(range(num_shards))
+    random.Random(sample_seed(seed, epoch, p)).shuffle(order)
+    return order
+
+
+def worker_span(rank: int, role: int, world_size: int, num_workers: int, steps: int, batch_size: int):
+    """[begin, end) of the epoch's sample sequence read by worker `role` of `rank`.
+
+    Rank r reads positions [r * steps * B, (r + 1) * steps * B); its workers split them by their batch
+    quotas (the DataLoader takes batch b from worker b % num_workers), in worker order. All spans together
+    are the first world_size * steps * B positions, each once."""
+    base, extra = divmod(steps, num_workers)
+    first = role * base + min(role, extra)  # batches of the workers before this one
+    begin = (rank * steps + first) * batch_size
+    return begin, begin + (base + (role < extra)) * batch_size
+
+
+def epoch_pieces(sizes: list[int], seed: int, epoch: int, begin: int, end: int) -> list[tuple[int, int, int]]:
+    """Positions [begin, end) of the epoch's sample sequence as (shard index, first, stop) pieces.
+
+    The sequence is pass after pass over all shards, each pass in its pass_order and each shard's samples
+    in tar order; an epoch of at most one pass (data.epoch_samples unset) is one pass, cut at the end."""
+    total, pieces = sum(sizes), []
+    p = begin // total
+    pos = p * total
+    while pos < end:
+        for i in pass_order(len(sizes), seed, epoch, p):
+            a, b = max(begin, pos), min(end, pos + sizes[i])
+            if a < b:
+                pieces.append((i, a - pos, b - pos))
+            pos += sizes[i]
+            if pos >= end:
+                break
+        p += 1
+    return pieces
 
 
 def image_member(sample: dict) -> str | None:
@@ -138,19 +197,22 @@ class ShardStream(torch.utils.data.IterableDataset):
     A batch is `batch_size` consecutive samples of the worker's stream minus the bad ones (B' <= B), so the
     position of every batch is known without decoding: resuming at a step skips raw tar members only.
 
-    train=True: shards shuffled per (seed, epoch, pass), a seeded sample shuffle buffer, exactly `steps`
-    batches per rank, batch b from worker b % num_workers (the DataLoader's round-robin order); a worker that
-    exhausts its shards starts another shuffled pass over them. train=False: every sample once, in order.
-    With fewer shards than ranks x workers every worker reads all shards and keeps every (ranks x workers)-th
-    sample, so small shard sets still split exactly.
+    train=True: exactly `steps` batches per rank, batch b from worker b % num_workers (the DataLoader's
+    round-robin order). With known shard sizes each worker reads its worker_span of the epoch's sequence
+    (whole shards and pieces of shards, see _piece) through a seeded shuffle buffer, so the epoch reads
+    every sample once. Sizes unknown (remote shards, no manifest): whole
+    shards split by rank and worker, and a worker that exhausts its shards starts another shuffled pass.
+    train=False: every sample once, in order; with fewer shards than ranks x workers every worker reads all
+    shards and keeps every (ranks x workers)-th sample.
     """
 
     def __init__(self, shards: ShardSet, *, transform, in_chans: int, img_size: int, batch_size: int, seed: int, epoch: int,
                  rank: int, world_size: int, train: bool, steps: int = 0, start_step: int = 0,
                  resampled: bool = False, shuffle_buffer: int = 0, max_samples: int = 0):  # fmt: skip
         super().__init__()
-        self.urls, self.transform, self.in_chans, self.batch_size = (
+        self.urls, self.sizes, self.transform, self.in_chans, self.batch_size = (
             shards.urls,
+            shards.sizes,
             transform,
             in_chans,
             batch_size,
@@ -172,6 +234,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = len(range(role, self.start_step, nw))
         if self.resampled:
             raw = self._shuffled(self._resampled(role, nw), role, -1)
+        elif self.sizes is not None:
+            raw = self._shuffled(self._span(role, nw), role, 0)
         else:
             raw = self._split_passes(role, nw)
         for b in range(quota):
@@ -222,13 +286,37 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed = sample_seed(self.seed, self.epoch, self.rank, role, p)
         return wds.shuffle(bufsize, min(bufsize, 1000), seed=seed)(src)
 
+    def _span(self, role: int, nw: int):
+        """This worker's worker_span of the epoch, piece by piece. A shard that holds fewer samples than its
+        size says yields placeholders for the rest (counted as bad), so every later batch keeps its place."""
+        begin, end = worker_span(self.rank, role, self.world_size, nw, self.steps, self.batch_size)
+        for i, first, stop in epoch_pieces(self.sizes, self.seed, self.epoch, begin, end):
+            read = first
+            for s in self._piece(self.urls[i], first, stop):
+                read += 1
+                yield s
+            for k in range(read, stop):
+                yield {"__url__": self.urls[i], "__key__": f"#{k}", MISSING: True}
+
+    def _piece(self, url: str, first: int, stop: int):
+        """Raw samples [first, stop) of one shard. A local tar is read from sample `first` on (its offset
+        found from the member headers); a remote one from its start, the samples before `first` undecoded."""
+        offset = sample_offset(url, first) if first > 0 and _is_local(url) else None
+        if offset is None:
+            yield from islice(self._samples([url]), first, stop)
+            return
+        with open(url, "rb") as f:
+            f.seek(offset)
+            members = tar_file_expander([{"url": url, "stream": f}], handler=self._tar_error)
+            yield from islice(group_by_keys(members, handler=self._tar_error), stop - first)
+
     def _one_pass(self, p: int, role: int, nw: int):
         """This worker's share of the shards (shuffled per pass): whole shards split by rank then by worker,
         or, with fewer shards than ranks x workers, every (ranks x workers)-th sample of all of them."""
         g, total = self.rank * nw + role, self.world_size * nw
         urls = list(self.urls)
         if self.train:
-            random.Random(sample_seed(self.seed, self.epoch, p)).shuffle(urls)
+            urls = [urls[i] for i in pass_order(len(urls), self.seed, self.epoch, p)]
         if len(urls) >= total:
             yield from self._samples(urls[self.rank :: self.world_size][role::nw])
         else:
@@ -255,6 +343,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             ext = image_member(sample)
             try:
+                if MISSING in sample:
+                    raise ImageDecodeError("the shard ends before its manifest's sample count")
                 if ext is None:
                     raise ImageDecodeError(
                         f"no image member (found {', '.join(k for k in sample if not k.startswith('__'))})"

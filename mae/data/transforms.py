@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
+from .crop import SingleDrawRandomResizedCrop
 from .sources import DataError
 
 log = logging.getLogger("mae.data")
@@ -43,9 +44,9 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
     mae:      RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference pretraining.
     finetune: timm's create_transform (RandAugment, random erasing) for RGB; grayscale goes through RGB for
               RandAugment and back; RGBA gets crop + flip + erasing (RandAugment's ops are defined for RGB).
-    linprobe: RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference linear probe.
+    linprobe: the reference probe's single-draw RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip.
     Every training crop honours data.scale_min (the reference: 0.2 pretraining, 0.08 fine-tuning / probing).
-    none:     the eval transform: resize to img_size / crop_pct, center crop.
+    none:     the eval transform: resize to img_size / crop_pct, center crop (eval_crop_pct).
     """
     if augment not in AUGMENTS:
         raise DataError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
@@ -61,16 +62,23 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
             ]
         )
     if augment == "linprobe":
-        crop = T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
+        crop = SingleDrawRandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
         return T.Compose([crop, *flip, *tail])
     if augment == "finetune":
         return _finetune_transform(cfg, img_size, in_chans, mean, std)
     return eval_transform(img_size, mean, std, cfg.crop_pct)
 
 
-def eval_transform(img_size: int, mean, std, crop_pct: float = 0.875):
+def eval_crop_pct(crop_pct: float, img_size: int) -> float:
+    """data.crop_pct, or for 0 the reference's: 224 / 256 up to 224 px, 1.0 (no crop) above."""
+    if float(crop_pct) > 0:
+        return float(crop_pct)
+    return 224 / 256 if img_size <= 224 else 1.0
+
+
+def eval_transform(img_size: int, mean, std, crop_pct: float = 0.0):
     """Resize the shorter side to img_size / crop_pct (bicubic), center crop img_size, normalize."""
-    size = int(img_size / float(crop_pct))
+    size = int(img_size / eval_crop_pct(crop_pct, img_size))
     return T.Compose(
         [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)]
     )
