@@ -1,0 +1,96 @@
+"""JPEG samples left encoded in the workers: header sniffing and the crop a worker draws for the device.
+
+With `data.decode=device` a worker does not decode a JPEG: it reads the size from the header, draws the
+RandomResizedCrop box and the flip from the sample's seeded RNG exactly as the CPU transform would (same
+calls, same order, so the same box), and hands over the encoded bytes. Anything that is not a baseline
+1- or 3-component JPEG (PNG, CMYK/YCCK, a broken header) takes the CPU path in the worker instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+from torchvision import transforms as T
+
+from .images import decode_image
+from .transforms import seeded
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coded).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG's start-of-frame header; None if `data` is not a JPEG or the
+    header is unreadable (the full decoder then reports why)."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker in _SOF:
+            if i + 10 > n:
+                return None
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            comps = data[i + 9]
+            return (height, width, comps) if height and width else None
+        if marker == 0xDA or length < 2:  # scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+@dataclass
+class DeferredCrop:
+    """A JPEG sample for the device: its encoded bytes and the crop a worker drew for it."""
+
+    data: bytes
+    box: tuple[int, int, int, int]  # top, left, height, width in the decoded image
+    flip: bool
+
+
+class CropDraw:
+    """Draws (box, flip) with the RNG calls of RandomResizedCrop(scale, ratio) + RandomHorizontalFlip, so
+    under the same seed the box equals the one the CPU transform crops."""
+
+    def __init__(self, scale: tuple[float, float], hflip: bool,
+                 ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)):  # fmt: skip
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+
+    def __call__(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size only
+        box = T.RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+        flip = bool(torch.rand(1) < 0.5) if self.hflip else False
+        return tuple(int(v) for v in box), flip
+
+
+def defer(data: bytes, in_chans: int, draw: CropDraw) -> DeferredCrop | None:
+    """A DeferredCrop for a JPEG the device decoder reads (1 or 3 components, 1- or 3-channel models), or None:
+    decode it on the CPU (PNG, CMYK, 4-channel models, unreadable header)."""
+    if in_chans not in (1, 3):
+        return None
+    head = jpeg_header(data)
+    if head is None or head[2] not in (1, 3):
+        return None
+    box, flip = draw(head[0], head[1])
+    return DeferredCrop(data, box, flip)
+
+
+def worker_sample(data: bytes, in_chans: int, transform, draw: CropDraw | None, seed: int):
+    """A worker's share of one sample: a DeferredCrop when `draw` is set and the device can decode it, else
+    the decoded, transformed tensor. The transform's randomness is seeded with `seed`. Raises
+    ImageDecodeError for bytes that are not a readable image."""
+    with seeded(seed):
+        if draw is not None and (deferred := defer(data, in_chans, draw)) is not None:
+            return deferred
+        return transform(decode_image(data, in_chans))
