@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .images import BadSampleLog
-from .jpeg import DeferredCrop
+from .jpeg import DeferredCrop, decode_mode, resized_crop
 
 log = logging.getLogger("mae.data")
 
@@ -125,10 +125,9 @@ def decode_crops(raw: RawBatch, size: int, in_chans: int, device: torch.device, 
 
     One batched decode; when it fails (a corrupt file), each image again on its own, so one bad file costs
     only itself. Crop + resize: bicubic with antialias, as PIL (see docs/data.md for the difference)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.io import decode_jpeg
 
-    mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
+    mode = decode_mode(in_chans)
     o = raw.offsets.tolist()
     data = [raw.jpeg[o[k] : o[k + 1]] for k in range(len(o) - 1)]
     try:
@@ -145,12 +144,8 @@ def decode_crops(raw: RawBatch, size: int, in_chans: int, device: torch.device, 
     crops = torch.empty(len(images), in_chans, size, size, dtype=torch.uint8, device=device)
     boxes, flips = raw.boxes.tolist(), raw.flips.tolist()
     for k, im in enumerate(images):
-        if im is None:
-            continue
-        crop = F.resized_crop(
-            im, *boxes[k], [size, size], interpolation=F.InterpolationMode.BICUBIC, antialias=True
-        )
-        crops[k] = crop.flip(-1) if flips[k] else crop
+        if im is not None:
+            crops[k] = resized_crop(im, boxes[k], flips[k], size)
     return crops, ok
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchvision import transforms as T
 
-from .images import decode_image
+from .images import ImageDecodeError, decode_image
 from .transforms import seeded
 
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coded).
@@ -61,11 +61,11 @@ class DeferredCrop:
 
 class CropDraw:
     """Draws (box, flip) with the RNG calls of RandomResizedCrop(scale, ratio) + RandomHorizontalFlip, so
-    under the same seed the box equals the one the CPU transform crops."""
+    under the same seed the box equals the one the PIL transform crops. `size`: the output side."""
 
-    def __init__(self, scale: tuple[float, float], hflip: bool,
+    def __init__(self, size: int, scale: tuple[float, float], hflip: bool,
                  ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)):  # fmt: skip
-        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
 
     def __call__(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
         shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size only
@@ -86,11 +86,39 @@ def defer(data: bytes, in_chans: int, draw: CropDraw) -> DeferredCrop | None:
     return DeferredCrop(data, box, flip)
 
 
-def worker_sample(data: bytes, in_chans: int, transform, draw: CropDraw | None, seed: int):
-    """A worker's share of one sample: a DeferredCrop when `draw` is set and the device can decode it, else
-    the decoded, transformed tensor. The transform's randomness is seeded with `seed`. Raises
-    ImageDecodeError for bytes that are not a readable image."""
+def resized_crop(image: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> the box resized to (C, size, size), bicubic with antialias (as PIL), flipped."""
+    from torchvision.transforms.v2 import functional as F
+
+    out = F.resized_crop(image, *box, [size, size], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    return out.flip(-1) if flip else out
+
+
+def decode_mode(in_chans: int):
+    from torchvision.io import ImageReadMode
+
+    return ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
+
+
+def crop_here(sample: DeferredCrop, in_chans: int, size: int) -> torch.Tensor:
+    """Decode a DeferredCrop in this process (libjpeg-turbo) and crop it: uint8 (C, size, size)."""
+    from torchvision.io import decode_jpeg
+
+    try:
+        image = decode_jpeg(
+            torch.frombuffer(bytearray(sample.data), dtype=torch.uint8), mode=decode_mode(in_chans)
+        )
+    except RuntimeError as e:
+        raise ImageDecodeError(str(e).splitlines()[-1]) from None
+    return resized_crop(image, sample.box, sample.flip, size)
+
+
+def worker_sample(data: bytes, in_chans: int, transform, draw: CropDraw | None, seed: int, to_device: bool):
+    """A worker's share of one sample, the transform's randomness seeded with `seed`. With `draw` (MAE crops),
+    a JPEG is cropped by `resized_crop`: here (decoded with torchvision, 2x faster than PIL's decode + resize)
+    or, `to_device`, left encoded for the device (a DeferredCrop). Anything else: PIL and `transform`.
+    Raises ImageDecodeError for bytes that are not a readable image."""
     with seeded(seed):
         if draw is not None and (deferred := defer(data, in_chans, draw)) is not None:
-            return deferred
+            return deferred if to_device else crop_here(deferred, in_chans, draw.size)
         return transform(decode_image(data, in_chans))

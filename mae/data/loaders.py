@@ -26,12 +26,14 @@ class _MapDataset(torch.utils.data.Dataset):
     augmentation is seeded from (seed, epoch, position in the epoch), so it does not depend on which worker
     loads it. With `draw` set, files the device can decode are left encoded (data.decode=device)."""
 
-    def __init__(self, source, transform, in_chans: int, seed: int, epoch: int, draw: CropDraw | None = None):
+    def __init__(self, source, transform, in_chans: int, seed: int, epoch: int, draw: CropDraw | None = None,
+                 to_device: bool = False):  # fmt: skip
         self.source, self.transform, self.in_chans = source, transform, in_chans
         self.seed, self.epoch = seed, epoch
         self.labels = np.asarray(source.labels)
         self.badlog = BadSampleLog()
         self.draw = draw if hasattr(source, "read") else None  # only files have encoded bytes
+        self.to_device = to_device
 
     def __len__(self) -> int:
         return len(self.source)
@@ -41,7 +43,9 @@ class _MapDataset(torch.utils.data.Dataset):
         seed = sample_seed(self.seed, self.epoch, pos)
         try:
             if self.draw is not None:
-                x = worker_sample(self.source.read(i), self.in_chans, self.transform, self.draw, seed)
+                x = worker_sample(
+                    self.source.read(i), self.in_chans, self.transform, self.draw, seed, self.to_device
+                )
             else:
                 img = self.source.load(i, self.in_chans)
                 with seeded(seed):
@@ -170,7 +174,8 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
     _check(in_chans, batch_size, rank, world_size)
     transform = build_transform(cfg, augment, img_size, in_chans, uint8=augment != "finetune")
     decode = resolve_decode(cfg, source, augment)
-    draw = CropDraw((float(cfg.scale_min), 1.0), bool(cfg.hflip)) if decode == "device" else None
+    draw = CropDraw(img_size, (float(cfg.scale_min), 1.0), bool(cfg.hflip)) if augment == "mae" else None
+    to_device = decode == "device"
     finish = Finisher(*norm_stats(cfg, in_chans), img_size, in_chans)
     shape, workers = (in_chans, img_size, img_size), int(cfg.num_workers)
     per_step = batch_size * world_size
@@ -186,7 +191,8 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
             stream = ShardStream(shards, transform=transform, in_chans=in_chans, img_size=img_size,
                                  batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                                  train=True, steps=steps, start_step=start_step, resampled=bool(cfg.resampled),
-                                 shuffle_buffer=int(cfg.shuffle_buffer), draw=draw)  # fmt: skip
+                                 shuffle_buffer=int(cfg.shuffle_buffer), draw=draw,
+                                 to_device=to_device)  # fmt: skip
             return _data_loader(stream, workers, batch_size=None)
 
         return TrainLoader(num_samples=num_samples, steps_per_epoch=steps, num_classes=shards.num_classes,
@@ -209,7 +215,7 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
         ]
         if drawn_on_device:  # nothing to load: the indices are the batch
             return (_synthetic_batch(src, order[a:b]) for a, b in bounds)
-        dataset = _MapDataset(src, transform, in_chans, seed, epoch, draw)
+        dataset = _MapDataset(src, transform, in_chans, seed, epoch, draw, to_device)
         return _data_loader(
             dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=partial(_collate, shape=shape)
         )

@@ -150,7 +150,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: ShardSet, *, transform, in_chans: int, img_size: int, batch_size: int, seed: int, epoch: int,
                  rank: int, world_size: int, train: bool, steps: int = 0, start_step: int = 0,
                  resampled: bool = False, shuffle_buffer: int = 0, max_samples: int = 0,
-                 draw: CropDraw | None = None):  # fmt: skip
+                 draw: CropDraw | None = None, to_device: bool = False):  # fmt: skip
         super().__init__()
         self.urls, self.transform, self.in_chans, self.batch_size = (
             shards.urls,
@@ -162,7 +162,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.train, self.steps, self.start_step = train, steps, start_step
         self.resampled, self.shuffle_buffer, self.max_samples = resampled, shuffle_buffer, max_samples
         self.tar_errors, self.shape = 0, (in_chans, img_size, img_size)
-        self.draw = draw  # set: JPEG samples are left encoded for the device (data.decode=device)
+        self.draw, self.to_device = draw, to_device  # MAE crops of JPEGs: mae.data.jpeg.worker_sample
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -265,7 +265,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     )
                 label = int(sample["cls"]) if "cls" in sample else -1
                 seed = sample_seed(self.seed, self.epoch, self.rank, role, pos0 + j)
-                items.append(worker_sample(sample[ext], self.in_chans, self.transform, self.draw, seed))
+                items.append(
+                    worker_sample(sample[ext], self.in_chans, self.transform, self.draw, seed, self.to_device)
+                )
             except (ImageDecodeError, ValueError) as e:
                 n_bad += 1
                 self.badlog(name, str(e))
