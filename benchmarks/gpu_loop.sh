@@ -4,10 +4,12 @@
 # data.decode=device, and on data.train=synthetic; next to the compiled step alone (mae-bench, same batch).
 # Also the mean absolute pixel difference of device-decoded crops (nvJPEG) against the CPU path.
 #
-#   bash benchmarks/gpu_loop.sh [OUT_DIR]     # loop.json + loop.md (+ logs) in OUT_DIR (default: $OUT or bench_gpu)
+#   bash benchmarks/gpu_loop.sh [OUT_DIR]     # loop.json + loop.md in OUT_DIR (default: $OUT or bench_gpu)
 #
-# Env: PYTHON (default .venv/bin/python, else python3); LOOP_STEPS (default 120); LOOP_IMAGES (default 24000);
-# GPU_CHECK_DRY_RUN=1 runs the same commands with a tiny model on the CPU in seconds (checks the script).
+# Images, runs and logs go to a scratch directory (LOOP_WORK, default a new temporary one, removed at the end
+# unless LOOP_WORK is given); loop.json keeps the tail of every log. Env: PYTHON (default .venv/bin/python,
+# else python3); LOOP_STEPS (default 100); LOOP_IMAGES (default 24000); GPU_CHECK_DRY_RUN=1 runs the same
+# commands with a tiny model on the CPU in seconds (checks the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -25,11 +27,12 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     STEP=(--recipe vit_base "${MODEL[@]}" --batch 8 --dtype fp32 --compile off --steps 2 --warmup 1 --device cpu)
 else
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')"
-    IMAGES=${LOOP_IMAGES:-24000} STEPS=${LOOP_STEPS:-120} LIMIT=150 DEVICE=cuda
+    IMAGES=${LOOP_IMAGES:-24000} STEPS=${LOOP_STEPS:-100} LIMIT=150 DEVICE=cuda
     RUN=(recipe=vit_base train.batch_size=256 data.num_workers=14 train.compile=true log.every_steps=20)
     STEP=(--recipe vit_base --batch 256 --dtype bf16 --compile on --steps 20 --warmup 3 --device cuda)
 fi
-DATA="$OUT_DIR/jpegs_500x375"
+if [ -n "${LOOP_WORK:-}" ]; then WORK=$LOOP_WORK; mkdir -p "$WORK"; else WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
+DATA="$WORK/jpegs_500x375"
 COMMON=("${RUN[@]}" train.max_steps="$STEPS" checkpoint.every_steps=1000000 log.knn_every_steps=0
         log.viz_images=0 log.wandb=disabled log.progress=false)
 
@@ -54,20 +57,20 @@ print(f"{len(files)} files, {sum(map(os.path.getsize, files)) / len(files) / 1e3
 PY
 
 echo "== loop 1. the compiled step alone"
-timeout "$LIMIT" "$PY" -m mae.bench "${STEP[@]}" --json "$OUT_DIR/loop_step.json" | tee "$OUT_DIR/loop_step.txt"
+timeout "$LIMIT" "$PY" -m mae.bench "${STEP[@]}" --json "$WORK/loop_step.json" | tee "$WORK/loop_step.txt"
 
 for MODE in cpu device synthetic; do
     echo "== loop 2. the training loop, $MODE"
     SRC=("data.train=$DATA" "data.decode=$MODE")
     [ "$MODE" = synthetic ] && SRC=(data.train=synthetic data.synthetic_samples="$IMAGES")
-    rm -rf "$OUT_DIR/run_$MODE"
-    timeout "$LIMIT" "$PY" mae/pretrain.py "${COMMON[@]}" "${SRC[@]}" output_dir="$OUT_DIR/run_$MODE" \
-        > "$OUT_DIR/loop_$MODE.log" 2>&1 || echo "loop $MODE failed or ran past ${LIMIT}s: see loop_$MODE.log"
-    grep -E "^step|error" "$OUT_DIR/loop_$MODE.log" | tail -4 || true
+    rm -rf "$WORK/run_$MODE"
+    timeout "$LIMIT" "$PY" mae/pretrain.py "${COMMON[@]}" "${SRC[@]}" output_dir="$WORK/run_$MODE" \
+        > "$WORK/loop_$MODE.log" 2>&1 || echo "loop $MODE failed or ran past ${LIMIT}s (log tail in loop.json)"
+    grep -E "^step|error" "$WORK/loop_$MODE.log" | tail -4 || true
 done
 
 echo "== loop 3. device-decoded crops against the CPU path (mean absolute difference, levels of 255)"
-timeout 60 "$PY" - "$DATA" "$DEVICE" "$OUT_DIR/loop_decode.json" <<'PY' || echo "decode comparison failed"
+timeout 60 "$PY" - "$DATA" "$DEVICE" "$WORK/loop_decode.json" <<'PY' || echo "decode comparison failed"
 import json, sys
 from types import SimpleNamespace
 import torch
@@ -89,31 +92,34 @@ print(row)
 json.dump(row, open(out, "w"))
 PY
 
-"$PY" - "$OUT_DIR" <<'PY'
+"$PY" - "$WORK" "$OUT_DIR" <<'PY'
 import json, os, statistics, sys
 
-out = sys.argv[1]
-step = json.load(open(f"{out}/loop_step.json"))["results"][0]
+work, out = sys.argv[1:]
+step = json.load(open(f"{work}/loop_step.json"))["results"][0]
 step_rate = step["img_per_s"]
 rows = []
 for mode in ("cpu", "device", "synthetic"):
-    path = f"{out}/run_{mode}/metrics.jsonl"
+    path, log = f"{work}/run_{mode}/metrics.jsonl", f"{work}/loop_{mode}.log"
     windows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
     windows = [w for w in windows if "img_per_s" in w][1:]  # the first window holds compilation
+    tail = open(log).read().splitlines()[-6:] if os.path.exists(log) else []
     if not windows:
-        rows.append({"mode": mode, "error": f"no timed windows (see loop_{mode}.log)"})
+        rows.append({"mode": mode, "error": "no timed windows", "log_tail": tail})
         continue
     rate = statistics.median(w["img_per_s"] for w in windows)
     wait = statistics.median(w["data_wait"] for w in windows)
     rows.append({"mode": mode, "img_per_s": rate, "vs_step": rate / step_rate, "data_wait": wait,
-                 "windows": [w["img_per_s"] for w in windows]})
-decode = json.load(open(f"{out}/loop_decode.json")) if os.path.exists(f"{out}/loop_decode.json") else None
-json.dump({"step_img_per_s": step_rate, "loop": rows, "decode_diff": decode}, open(f"{out}/loop.json", "w"), indent=1)
-lines = [f"compiled step alone: {step_rate:,.0f} img/s", "",
+                 "windows": [w["img_per_s"] for w in windows], "log_tail": tail})
+decode = json.load(open(f"{work}/loop_decode.json")) if os.path.exists(f"{work}/loop_decode.json") else None
+report = {"step": step, "step_img_per_s": step_rate, "loop": rows, "decode_diff": decode}
+json.dump(report, open(f"{out}/loop.json", "w"), indent=1)
+lines = [f"the step alone ({step['config']['dtype']}, compile {'on' if step['config']['compile'] else 'off'}, "
+         f"batch {step['config']['batch']}): {step_rate:,.0f} img/s", "",
          "| data | loop img/s (median window) | vs step | data_wait | windows |", "| --- | --- | --- | --- | --- |"]
 for r in rows:
     if "error" in r:
-        lines.append(f"| {r['mode']} | {r['error']} | | | |")
+        lines.append(f"| {r['mode']} | {r['error']}: {' / '.join(r['log_tail'][-2:])} | | | |")
         continue
     lines.append(f"| {r['mode']} | {r['img_per_s']:,.0f} | {r['vs_step']:.1%} | {r['data_wait']:.1%} | "
                  + " / ".join(f"{w:,.0f}" for w in r["windows"]) + " |")

@@ -24,7 +24,8 @@ SUBSET_SEED = 0  # label_fraction / k-NN subsets are the same for every run seed
 class _MapDataset(torch.utils.data.Dataset):
     """Item (index, position) -> (image tensor or DeferredCrop, label), or None for a bad sample; the
     augmentation is seeded from (seed, epoch, position in the epoch), so it does not depend on which worker
-    loads it. With `draw` set, files the device can decode are left encoded (data.decode=device)."""
+    loads it. With `draw` (MAE crops) JPEG files go through mae.data.jpeg.worker_sample: cropped here, or
+    left encoded for the device when `to_device` (data.decode=device)."""
 
     def __init__(self, source, transform, in_chans: int, seed: int, epoch: int, draw: CropDraw | None = None,
                  to_device: bool = False):  # fmt: skip
