@@ -202,3 +202,19 @@ def test_synthetic_pretraining_batches_are_drawn_on_the_device_and_resume_exactl
     assert 0.35 < float(pixels.mean()) < 0.65 and float(pixels.std()) > 0.15
     labels = torch.cat([b[1] for b in full])
     assert sorted(labels.tolist()) == sorted(i % 10 for i in range(48))
+
+
+def test_device_decode_from_shards_resumes_exactly_and_counts_a_corrupt_jpeg(tmp_path):
+    import webdataset as wds
+
+    jpg = encoded(photo(0), "JPEG")
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")) as w:
+        for k in range(16):
+            data = jpg[: len(jpg) // 2] if k == 5 else encoded(photo(k), "JPEG", quality=85)
+            w.write({"__key__": f"{k:04d}", "jpg": data, "cls": str(k % 2).encode()})
+    cfg = data_cfg(decode="device", num_workers=2, shuffle_buffer=8)
+    _, full = loader(cfg, str(tmp_path))
+    _, resumed = loader(cfg, str(tmp_path), start_step=1)
+    assert sum(n for *_, n in full) == 1 and sum(len(x) for x, _, _ in full) == 15
+    for (xa, ya, _), (xb, yb, _) in zip(full[1:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

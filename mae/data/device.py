@@ -34,6 +34,7 @@ class RawBatch:
     flips: torch.Tensor | None = None  # (m,) bool
     deferred_at: torch.Tensor | None = None  # (m,) int64: positions of the encoded samples in the batch
     render: torch.Tensor | None = None  # (B',) int64: sample indices drawn on the device (synthetic data)
+    names: list[str] | None = None  # (m,) the encoded samples' names, for the bad-sample log
 
     def pin_memory(self) -> RawBatch:  # called by the DataLoader's pin-memory thread
         return replace(self, pixels=self.pixels.pin_memory(), labels=self.labels.pin_memory())
@@ -63,6 +64,7 @@ def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, 
         batch.boxes = torch.tensor([x.box for _, x in deferred], dtype=torch.int64)
         batch.flips = torch.tensor([x.flip for _, x in deferred], dtype=torch.bool)
         batch.deferred_at = torch.tensor([k for k, _ in deferred], dtype=torch.int64)
+        batch.names = [x.name for _, x in deferred]
     return batch
 
 
@@ -123,8 +125,9 @@ class Finisher:
 def decode_crops(raw: RawBatch, size: int, in_chans: int, device: torch.device, badlog: BadSampleLog):
     """The encoded JPEGs of `raw` -> (crops uint8 (m, C, size, size) on `device`, decoded ok (m,) bool).
 
-    One batched decode; when it fails (a corrupt file), each image again on its own, so one bad file costs
-    only itself. Crop + resize: bicubic with antialias, as PIL (see docs/data.md for the difference)."""
+    One batched decode; when it fails, each image again on its own, then on the CPU (a JPEG variant the
+    device decoder lacks), so only a file that no decoder reads is dropped (logged and counted). Crop +
+    resize: bicubic with antialias, as PIL (see docs/data.md for the difference)."""
     from torchvision.io import decode_jpeg
 
     mode = decode_mode(in_chans)
@@ -133,13 +136,7 @@ def decode_crops(raw: RawBatch, size: int, in_chans: int, device: torch.device, 
     try:
         images = decode_jpeg(data, mode=mode, device=device)
     except RuntimeError:
-        images = []
-        for k, d in enumerate(data):
-            try:
-                images.append(decode_jpeg(d, mode=mode, device=device))
-            except RuntimeError as e:
-                badlog(f"encoded sample {k} of a batch", str(e).splitlines()[-1])
-                images.append(None)
+        images = [_decode_one(d, mode, device, badlog, name) for d, name in zip(data, raw.names)]
     ok = torch.tensor([im is not None for im in images], dtype=torch.bool)
     crops = torch.empty(len(images), in_chans, size, size, dtype=torch.uint8, device=device)
     boxes, flips = raw.boxes.tolist(), raw.flips.tolist()
@@ -147,6 +144,18 @@ def decode_crops(raw: RawBatch, size: int, in_chans: int, device: torch.device, 
         if im is not None:
             crops[k] = resized_crop(im, boxes[k], flips[k], size)
     return crops, ok
+
+
+def _decode_one(data: torch.Tensor, mode, device: torch.device, badlog: BadSampleLog, name: str):
+    from torchvision.io import decode_jpeg
+
+    for where in dict.fromkeys([device, torch.device("cpu")]):
+        try:
+            return decode_jpeg(data, mode=mode, device=where).to(device)
+        except RuntimeError as e:
+            reason = str(e).splitlines()[-1]
+    badlog(name, reason)
+    return None
 
 
 class Prefetcher:
@@ -169,8 +178,10 @@ class Prefetcher:
             return
         side, ahead = torch.cuda.Stream(self.device), None
         for raw in self.raw:
+            side.wait_stream(
+                torch.cuda.current_stream(self.device)
+            )  # the compute stream, outside the context
             with torch.cuda.stream(side):
-                side.wait_stream(torch.cuda.current_stream(self.device))
                 batch = self.finish(raw.to(self.device, non_blocking=True), self.device)
                 ready = torch.cuda.Event()
                 ready.record(side)

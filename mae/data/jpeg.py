@@ -57,6 +57,7 @@ class DeferredCrop:
     data: bytes
     box: tuple[int, int, int, int]  # top, left, height, width in the decoded image
     flip: bool
+    name: str = ""  # for the bad-sample log
 
 
 class CropDraw:
@@ -74,7 +75,7 @@ class CropDraw:
         return tuple(int(v) for v in box), flip
 
 
-def defer(data: bytes, in_chans: int, draw: CropDraw) -> DeferredCrop | None:
+def defer(data: bytes, in_chans: int, draw: CropDraw, name: str = "") -> DeferredCrop | None:
     """A DeferredCrop for a JPEG the device decoder reads (1 or 3 components, 1- or 3-channel models), or None:
     decode it on the CPU (PNG, CMYK, 4-channel models, unreadable header)."""
     if in_chans not in (1, 3):
@@ -83,7 +84,7 @@ def defer(data: bytes, in_chans: int, draw: CropDraw) -> DeferredCrop | None:
     if head is None or head[2] not in (1, 3):
         return None
     box, flip = draw(head[0], head[1])
-    return DeferredCrop(data, box, flip)
+    return DeferredCrop(data, box, flip, name)
 
 
 def resized_crop(image: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
@@ -113,12 +114,13 @@ def crop_here(sample: DeferredCrop, in_chans: int, size: int) -> torch.Tensor:
     return resized_crop(image, sample.box, sample.flip, size)
 
 
-def worker_sample(data: bytes, in_chans: int, transform, draw: CropDraw | None, seed: int, to_device: bool):
+def worker_sample(data: bytes, in_chans: int, transform, draw: CropDraw | None, seed: int, to_device: bool,
+                  name: str = ""):  # fmt: skip
     """A worker's share of one sample, the transform's randomness seeded with `seed`. With `draw` (MAE crops),
     a JPEG is cropped by `resized_crop`: here (decoded with torchvision, 2x faster than PIL's decode + resize)
     or, `to_device`, left encoded for the device (a DeferredCrop). Anything else: PIL and `transform`.
     Raises ImageDecodeError for bytes that are not a readable image."""
     with seeded(seed):
-        if draw is not None and (deferred := defer(data, in_chans, draw)) is not None:
+        if draw is not None and (deferred := defer(data, in_chans, draw, name)) is not None:
             return deferred if to_device else crop_here(deferred, in_chans, draw.size)
         return transform(decode_image(data, in_chans))

@@ -44,9 +44,8 @@ class _MapDataset(torch.utils.data.Dataset):
         seed = sample_seed(self.seed, self.epoch, pos)
         try:
             if self.draw is not None:
-                x = worker_sample(
-                    self.source.read(i), self.in_chans, self.transform, self.draw, seed, self.to_device
-                )
+                data, name = self.source.read(i), self.source.name(i)
+                x = worker_sample(data, self.in_chans, self.transform, self.draw, seed, self.to_device, name)
             else:
                 img = self.source.load(i, self.in_chans)
                 with seeded(seed):

@@ -265,9 +265,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     )
                 label = int(sample["cls"]) if "cls" in sample else -1
                 seed = sample_seed(self.seed, self.epoch, self.rank, role, pos0 + j)
-                items.append(
-                    worker_sample(sample[ext], self.in_chans, self.transform, self.draw, seed, self.to_device)
-                )
+                args = (self.in_chans, self.transform, self.draw, seed, self.to_device, name)
+                items.append(worker_sample(sample[ext], *args))
             except (ImageDecodeError, ValueError) as e:
                 n_bad += 1
                 self.badlog(name, str(e))
