@@ -2,7 +2,8 @@
 # The training loop against the training step on one GPU (about 5 minutes on an H100/H200): recipe vit_base,
 # batch 256, 14 loader workers, torch.compile, on 24,000 generated 500x375 JPEGs with data.decode=cpu and
 # data.decode=device, and on data.train=synthetic; next to the compiled step alone (mae-bench, same batch).
-# Also the mean absolute pixel difference of device-decoded crops (nvJPEG) against the CPU path.
+# Also the mean absolute pixel difference of device-decoded crops (nvJPEG) against the CPU path, and the
+# per-worker table of mae-bench --data (decode modes side by side with the reference MAE loader).
 #
 #   bash benchmarks/gpu_loop.sh [OUT_DIR]     # loop.json + loop.md in OUT_DIR (default: $OUT or bench_gpu)
 #
@@ -25,11 +26,13 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     RUN=(recipe=vit_base "${MODEL[@]}" train.batch_size=8 data.num_workers=1 train.compile=false
          train.precision=fp32 log.every_steps=2)
     STEP=(--recipe vit_base "${MODEL[@]}" --batch 8 --dtype fp32 --compile off --steps 2 --warmup 1 --device cpu)
+    PER_WORKER="--img-size 32 --batch 4 --data-batches 2"
 else
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')"
     IMAGES=${LOOP_IMAGES:-24000} STEPS=${LOOP_STEPS:-100} LIMIT=150 DEVICE=cuda
     RUN=(recipe=vit_base train.batch_size=256 data.num_workers=14 train.compile=true log.every_steps=20)
     STEP=(--recipe vit_base --batch 256 --dtype bf16 --compile on --steps 20 --warmup 3 --device cuda)
+    PER_WORKER="--batch 64 --data-batches 4 --rounds 2"
 fi
 if [ -n "${LOOP_WORK:-}" ]; then WORK=$LOOP_WORK; mkdir -p "$WORK"; else WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
 DATA="$WORK/jpegs_500x375"
@@ -92,6 +95,10 @@ print(row)
 json.dump(row, open(out, "w"))
 PY
 
+echo "== loop 4. the pipeline per worker: decode modes and the reference loader (mae-bench --data)"
+timeout 120 "$PY" -m mae.bench --data "$DATA" --decode cpu,device --reference --device "$DEVICE" $PER_WORKER \
+    --json "$WORK/loop_data.json" || echo "per-worker benchmark failed"
+
 "$PY" - "$WORK" "$OUT_DIR" <<'PY'
 import json, os, statistics, sys
 
@@ -112,7 +119,8 @@ for mode in ("cpu", "device", "synthetic"):
     rows.append({"mode": mode, "img_per_s": rate, "vs_step": rate / step_rate, "data_wait": wait,
                  "windows": [w["img_per_s"] for w in windows], "log_tail": tail})
 decode = json.load(open(f"{work}/loop_decode.json")) if os.path.exists(f"{work}/loop_decode.json") else None
-report = {"step": step, "step_img_per_s": step_rate, "loop": rows, "decode_diff": decode}
+per_worker = json.load(open(f"{work}/loop_data.json")) if os.path.exists(f"{work}/loop_data.json") else None
+report = {"step": step, "step_img_per_s": step_rate, "loop": rows, "decode_diff": decode, "per_worker": per_worker}
 json.dump(report, open(f"{out}/loop.json", "w"), indent=1)
 lines = [f"the step alone ({step['config']['dtype']}, compile {'on' if step['config']['compile'] else 'off'}, "
          f"batch {step['config']['batch']}): {step_rate:,.0f} img/s", "",
@@ -126,6 +134,10 @@ for r in rows:
 if decode:
     lines += ["", f"device-decoded crops vs the CPU path on {decode['device']}: mean |diff| "
               f"{decode['mean_abs_diff_levels']:.3f} levels of 255 over {decode['crops']} crops"]
+if per_worker:
+    from mae.bench_data import format_rows
+
+    lines += ["", "```", format_rows(per_worker), "```"]
 open(f"{out}/loop.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

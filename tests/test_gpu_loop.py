@@ -24,5 +24,7 @@ def test_gpu_loop_dry_run_writes_the_loop_table(tmp_path):
         assert "error" not in r, r
         assert r["img_per_s"] > 0 and 0.0 <= r["data_wait"] <= 1.0 and r["vs_step"] > 0
     assert report["decode_diff"]["mean_abs_diff_levels"] == 0.0  # on the CPU both modes crop alike
+    per_worker = [(r["loader"], r["decode"]) for r in report["per_worker"]["data"]]
+    assert per_worker == [("mae", "cpu"), ("mae", "device"), ("reference", "cpu")]
     table = (tmp_path / "loop.md").read_text()
     assert "| synthetic |" in table and "vs step" in table
