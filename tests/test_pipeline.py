@@ -1,6 +1,7 @@
 """The input pipeline's device half: uint8 batches, device-side JPEG decode and crop, prefetch, synthetic data."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -218,3 +219,20 @@ def test_device_decode_from_shards_resumes_exactly_and_counts_a_corrupt_jpeg(tmp
     assert sum(n for *_, n in full) == 1 and sum(len(x) for x, _, _ in full) == 15
     for (xa, ya, _), (xb, yb, _) in zip(full[1:], resumed):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_bench_data_puts_decode_modes_beside_the_reference_loader(tmp_path, capsys):
+    from mae.bench import main
+
+    src = jpeg_folder(tmp_path / "imgs", 8)
+    out = tmp_path / "data.json"
+    argv = ["--data", src, "--decode", "cpu,device", "--reference", "--img-size", "32", "--batch", "4"]
+    assert main([*argv, "--data-batches", "1", "--json", str(out)]) == 0
+    rows = {(r["loader"], r["decode"]): r for r in json.loads(out.read_text())["data"]}
+    assert set(rows) == {("mae", "cpu"), ("mae", "device"), ("reference", "cpu")}
+    assert all(r["images"] == 4 and r["img_per_s_per_worker"] > 0 for r in rows.values())
+    # uint8 crops: a quarter of the reference's float32 bytes; device decode: the encoded files
+    assert rows[("reference", "cpu")]["bytes_per_image"] / rows[("mae", "cpu")]["bytes_per_image"] > 3.9
+    jpeg_sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs]
+    assert rows[("mae", "device")]["bytes_per_image"] < max(jpeg_sizes) + 100
+    assert "vs ref" in capsys.readouterr().out
