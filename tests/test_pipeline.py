@@ -157,6 +157,12 @@ def test_device_decode_falls_back_for_png_and_cmyk_and_counts_corrupt_files(tmp_
     batches = [ld.finish(r, torch.device("cpu")) for r in raws]
     assert sum(len(x) for x, _, _ in batches) == 10 and sum(n for _, _, n in batches) == 2
     assert all(x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all() for x, _, _ in batches)
+    cpu = build_train_loader(data_cfg(decode="cpu", num_workers=1), source=src, img_size=32, in_chans=3,
+                             batch_size=4, augment="mae", seed=0, rank=0, world_size=1)  # fmt: skip
+    on_cpu = list(cpu.iterate(0))  # the same two files are bad, found in the worker
+    assert sum(len(x) for x, _, _ in on_cpu) == 10 and sum(n for _, _, n in on_cpu) == 2
+    for (xa, ya, _), (xb, yb, _) in zip(batches, on_cpu):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_decode_setting_is_checked(tmp_path):

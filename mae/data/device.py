@@ -9,7 +9,6 @@ normalises. The same code runs on CPU tensors, so CI exercises it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -17,8 +16,6 @@ import torch
 
 from .images import BadSampleLog
 from .jpeg import DeferredCrop, decode_mode, resized_crop
-
-log = logging.getLogger("mae.data")
 
 
 @dataclass
@@ -50,11 +47,10 @@ class RawBatch:
         return sum(t.nbytes for t in tensors if t is not None)
 
 
-def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, int],
-             dtype: torch.dtype = torch.uint8) -> RawBatch:  # fmt: skip
+def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, int]) -> RawBatch:
     """Worker side: samples (a (C, H, W) tensor, or a DeferredCrop) -> one RawBatch; an all-bad batch has B' = 0."""
     done = [x for x in items if not isinstance(x, DeferredCrop)]
-    pixels = torch.stack(done) if done else torch.empty(0, *shape, dtype=dtype)
+    pixels = torch.stack(done) if done else torch.empty(0, *shape, dtype=torch.uint8)
     batch = RawBatch(pixels, torch.tensor(labels, dtype=torch.int64), n_bad)
     deferred = [(k, x) for k, x in enumerate(items) if isinstance(x, DeferredCrop)]
     if deferred:

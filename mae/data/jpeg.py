@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchvision import transforms as T
 
-from .images import ImageDecodeError, decode_image
+from .images import decode_image
 from .transforms import seeded
 
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coded).
@@ -102,15 +102,16 @@ def decode_mode(in_chans: int):
 
 
 def crop_here(sample: DeferredCrop, in_chans: int, size: int) -> torch.Tensor:
-    """Decode a DeferredCrop in this process (libjpeg-turbo) and crop it: uint8 (C, size, size)."""
+    """Decode a DeferredCrop in this process (libjpeg-turbo) and crop it: uint8 (C, size, size). A file
+    torchvision refuses gets PIL's verdict: decoded by it (same crop), or ImageDecodeError."""
     from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
-        image = decode_jpeg(
-            torch.frombuffer(bytearray(sample.data), dtype=torch.uint8), mode=decode_mode(in_chans)
-        )
-    except RuntimeError as e:
-        raise ImageDecodeError(str(e).splitlines()[-1]) from None
+        data = torch.frombuffer(bytearray(sample.data), dtype=torch.uint8)
+        image = decode_jpeg(data, mode=decode_mode(in_chans))
+    except RuntimeError:
+        image = pil_to_tensor(decode_image(sample.data, in_chans))
     return resized_crop(image, sample.box, sample.flip, size)
 
 
