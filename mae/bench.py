@@ -3,6 +3,7 @@
     mae-bench --model mae_vit_base_patch16 --batch 16 --dtype fp32,bf16 --attn math,sdpa
     mae-bench --recipe demo --dtype bf16 --compile off,on --json demo.json
     mae-bench --data shards/ /data/images fashion-mnist
+    mae-bench --data /data/images --decode cpu,device --reference     # per worker, vs the reference loader
 
 A step is what the training loop runs: forward under autocast, backward, AdamW step, zero_grad. Every
 combination of the comma-separated switches is measured in the same process, round-robin over
@@ -263,35 +264,12 @@ def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, w
 # input pipeline
 
 
-def bench_data(
-    sources: list[str], data_cfg, img_size: int, in_chans: int, batch: int, batches: int, workers: int
-):
-    """Images/s of the training loader (decode + MAE augmentation + batching) for each source.
+def bench_data(sources: list[str], data_cfg, img_size: int, in_chans: int, batch: int, batches: int, workers: int,
+               **kw):  # fmt: skip
+    """Images/s of the training loader per source (see mae.bench_data)."""
+    from mae.bench_data import bench_data as run
 
-    With workers=0 the loader runs in this process on one thread: the rate of one loader worker.
-    """
-    from mae.data import build_train_loader
-
-    torch.set_num_threads(1)
-    rows = []
-    for src in sources:
-        loader = build_train_loader(data_cfg, source=src, img_size=img_size, in_chans=in_chans, batch_size=batch,
-                                    augment="mae", seed=0, rank=0, world_size=1)  # fmt: skip
-        n_batches = min(batches, loader.steps_per_epoch - 1)
-        if n_batches < 1:
-            raise BenchError(
-                f"--data {src}: {loader.num_samples} samples make fewer than 2 batches of {batch}"
-            )
-        it = loader.iterate(0)
-        next(it)  # first batch: worker start-up, file opening
-        t0, n = time.perf_counter(), 0
-        for images, _, _ in itertools.islice(it, n_batches):
-            n += len(images)
-        dt = time.perf_counter() - t0
-        rate = n / dt
-        rows.append({"source": src, "workers": workers, "images": n, "img_per_s": rate,
-                     "img_per_s_per_worker": rate / max(workers, 1)})  # fmt: skip
-    return rows
+    return run(sources, data_cfg, img_size, in_chans, batch, batches, workers, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,7 +321,13 @@ def parse_args(argv):
         "--data", nargs="+", metavar="SOURCE", help="benchmark the input pipeline on these sources"
     )
     p.add_argument("--workers", type=int, default=0, help="--data: loader worker processes (0 = in-process)")
-    p.add_argument("--data-batches", type=int, default=20, help="--data: timed batches per source")
+    p.add_argument("--data-batches", type=int, default=20, help="--data: timed batches per source and round")
+    p.add_argument(
+        "--decode", default="cpu", help="--data: comma list of data.decode modes (cpu, device, auto)"
+    )
+    p.add_argument(
+        "--reference", action="store_true", help="--data: add the reference MAE loader (image folders)"
+    )
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--json", default="", help="also write the results to this file")
     return p.parse_args(argv)
@@ -553,8 +537,11 @@ def run_data(args) -> dict:
     cfg = load_config([f"data.num_workers={args.workers}", "data.shuffle_buffer=256", *args.overrides]).data
     size = int(_split(args.img_size or "224")[0])
     batch = int(_split(args.batch or "32")[0])
-    rows = bench_data(args.data, cfg, size, args.in_chans, batch, args.data_batches, args.workers)
-    return {"img_size": size, "batch": batch, "in_chans": args.in_chans, "data": rows}
+    device = resolve_device(args.device)
+    rows = bench_data(args.data, cfg, size, args.in_chans, batch, args.data_batches, args.workers,
+                      decodes=tuple(_split(args.decode)), reference=args.reference, rounds=args.rounds,
+                      device=device)  # fmt: skip
+    return {"img_size": size, "batch": batch, "in_chans": args.in_chans, "device": str(device), "data": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,14 +551,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.data:
+            from mae.bench_data import format_rows
+
             report = run_data(args)
-            print(f"input pipeline, {report['img_size']} px, batch {report['batch']}, MAE augmentation:")
-            for r in report["data"]:
-                where = (
-                    f"{r['workers']} worker processes" if r["workers"] else "the main process (one worker)"
-                )
-                print(f"  {r['source']}: {r['img_per_s']:.1f} img/s in {where} = "
-                      f"{r['img_per_s_per_worker']:.1f} img/s per worker")  # fmt: skip
+            print(format_rows(report))
         else:
             report = run_bench(args)
             print(format_table(report))

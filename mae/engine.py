@@ -30,6 +30,7 @@ from torch import nn
 from mae import checkpoint as ckpt
 from mae import fsdp
 from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
+from mae.meter import Meter
 from mae.optim import build_optimizer, lr_at, set_lr
 from mae.runtime import STOP, fmt_time, peak_mem_gb, request_requeue
 
@@ -296,132 +297,31 @@ class Trainer:
             acc.end_training()
 
     def _loop(self) -> int:
-        cfg, acc, d, task = self.cfg, self.acc, self.derived, self.task
+        cfg, d = self.cfg, self.derived
         ga, spe = cfg.train.grad_accum, d.steps_per_epoch
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        loss_sum = torch.zeros((), device=acc.device)
-        window_t, window_steps, start_t, start_step = time.time(), 0, time.time(), self.step
-        # img/s counts training steps only: the first step of a process (torch.compile, allocator and worker
-        # warm-up) and the time spent in the monitor, evaluation and checkpoints are left out
-        rate_t, rate_steps, paused = time.time(), 0, 0.0
-        progress = _progress(cfg, acc, d.total_steps, self.step)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.loss_sum = torch.zeros((), device=self.acc.device)
+        meter = Meter(d.total_steps, self.step, d.effective_batch)
+        progress = _progress(cfg, self.acc, d.total_steps, self.step)
         self.model.train()
         while self.step < d.total_steps:
             epoch = self.step // spe
-            batches = task.loader.iterate(epoch, start_step=(self.step % spe) * ga)
             micro, yielded = 0, 0
-            for images, labels, n_bad in batches:
+            for images, labels, n_bad in meter.batches(self._fetch(epoch, (self.step % spe) * ga)):
                 yielded += 1
                 self.bad_samples += int(n_bad)
-                images = images.to(acc.device, non_blocking=True)
-                labels = labels.to(acc.device, non_blocking=True)
-                last_micro = micro == ga - 1
-                if last_micro or acc.num_processes == 1:
-                    ctx = _null()
-                else:
-                    ctx = fsdp.no_grad_sync(self.raw_model) if self.sharded else acc.no_sync(self.model)
-                with ctx:
-                    with acc.autocast() if self.sharded else _null():
-                        if images.shape[0] > 0:
-                            loss = task.loss_fn(self.model, images, labels, self.step, micro)
-                        else:  # every sample was corrupt: a zero-gradient pass keeps the ranks in lockstep
-                            dummy = images.new_zeros(2, *images.shape[1:])
-                            loss = (
-                                task.loss_fn(self.model, dummy, labels.new_zeros(2), self.step, micro) * 0.0
-                            )
-                    if self.fault_nan_step == self.step + 1:
-                        loss = loss * float("nan")
-                    acc.backward(loss / ga)
-                loss = loss.detach().float()
-                loss_sum += loss
-                self.first_bad = torch.where(
-                    (self.first_bad < 0) & ~torch.isfinite(loss), self.step + 1, self.first_bad
-                )
-                micro += 1
-                if not last_micro:
+                self._forward_backward(images, labels, micro, last_micro=micro == ga - 1)
+                micro = (micro + 1) % ga
+                if micro:
                     continue
-                micro = 0
-                set_lr(
-                    self.optimizer, lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr)
-                )
-                if cfg.train.clip_grad > 0:
-                    acc.clip_grad_norm_(params, cfg.train.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                window_steps += 1
-                rate_steps += 1
-                if self.step == start_step + 1 and self.step < d.total_steps:
-                    _synchronize(acc.device)
-                    rate_t, rate_steps, paused = time.time(), 0, 0.0
+                self._optimizer_step()
+                meter.step_done(self.step, partial(_synchronize, self.acc.device))
                 if progress is not None:
                     progress.update(1)
-                end_of_epoch = self.step % spe == 0
-                final = self.step == d.total_steps
-                monitor_due = (
-                    task.monitor is not None
-                    and task.monitor_every > 0
-                    and self.step % task.monitor_every == 0
-                )
-                eval_due = task.evaluate is not None and (
-                    final or (end_of_epoch and (self.step // spe) % cfg.train.eval_every == 0)
-                )
-                row = {}
-                if self.step % cfg.log.every_steps == 0 or final or monitor_due or eval_due:
-                    self._check_finite()
-                    now = time.time()
-                    n = max(window_steps * ga * acc.num_processes, 1)
-                    mean_loss = acc.reduce(loss_sum, reduction="sum").item() / n
-                    if rate_steps:
-                        rate = rate_steps * d.effective_batch / max(now - rate_t - paused, 1e-9)
-                    else:  # a log at the very first step: nothing but the warm-up to time
-                        rate = window_steps * d.effective_batch / max(now - window_t, 1e-9)
-                    eta = (now - start_t) / max(self.step - start_step, 1) * (d.total_steps - self.step)
-                    row = {
-                        "step": self.step,
-                        "epoch": round(self.step / spe, 4),
-                        "loss": mean_loss,
-                        "lr": self.optimizer.param_groups[0]["lr"]
-                        / self.optimizer.param_groups[0].get("lr_scale", 1.0),
-                        "img_per_s": round(rate, 2),
-                        "bad_samples": self.bad_samples,
-                        "peak_mem_gb": round(peak_mem_gb(acc.device), 3),
-                    }
-                    self.log(
-                        f"step {self.step}/{d.total_steps} epoch {row['epoch']:.2f} loss {mean_loss:.4f} "
-                        f"lr {row['lr']:.3g} {rate:.1f} img/s ETA {fmt_time(eta)} peak {row['peak_mem_gb']:.2f} GB"
-                        + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
-                    )
-                    loss_sum.zero_()
-                    window_t, window_steps = now, 0
-                    rate_t, rate_steps, paused = now, 0, 0.0
-                busy_t = time.time()
-                if monitor_due:
-                    row.update(task.monitor(self.raw_model, self.step))
-                    self.model.train()
-                if eval_due:
-                    metrics = task.evaluate(self.raw_model, self.step)
-                    self.model.train()
-                    row.update(metrics)
-                    self.log(
-                        f"eval at step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                    )
-                    if task.on_eval is not None:
-                        task.on_eval(self.raw_model, metrics, self.step)
-                if row:
-                    self.write_row(row)
-                signum = self._should_stop()
-                if final or signum or self.step % cfg.checkpoint.every_steps == 0:
-                    path = self.save()
-                    self.log(f"checkpoint {path}")
-                paused += time.time() - busy_t
-                if signum:
-                    name = signal.Signals(signum).name
-                    self.log(f"{name} received: checkpointed step {self.step}, exiting")
-                    if signum == signal.SIGUSR1 and acc.is_main_process:
-                        self.log(request_requeue(cfg.checkpoint.max_requeues))
-                    return 0
-                if final or end_of_epoch:
+                done = self._bookkeeping(meter)
+                if done is not None:
+                    return done
+                if self.step == d.total_steps or self.step % spe == 0:
                     break
             else:
                 if yielded < ga:
@@ -433,6 +333,120 @@ class Trainer:
             progress.close()
         self.log(f"done: {self.step} steps; outputs in {self.out}")
         return 0
+
+    # ---- the phases of a step
+
+    def _fetch(self, epoch: int, start_step: int):
+        """(images, labels, n_bad) on the device for the micro-steps of `epoch` from `start_step` on: the data
+        loader's prefetched device batches (uint8 cast and normalised there), or any iterable of CPU batches."""
+        loader, device = self.task.loader, self.acc.device
+        if hasattr(loader, "device_batches"):
+            return loader.device_batches(epoch, start_step, device)
+        return (
+            (x.to(device, non_blocking=True), y.to(device, non_blocking=True), n)
+            for x, y, n in loader.iterate(epoch, start_step=start_step)
+        )
+
+    def _forward_backward(
+        self, images: torch.Tensor, labels: torch.Tensor, micro: int, last_micro: bool
+    ) -> None:
+        """One micro-step: loss and gradients, gradient sync only on the last micro-step. The loss is summed
+        and checked for NaN on the device; nothing is read back here."""
+        acc, task, ga = self.acc, self.task, self.cfg.train.grad_accum
+        if last_micro or acc.num_processes == 1:
+            ctx = _null()
+        else:
+            ctx = fsdp.no_grad_sync(self.raw_model) if self.sharded else acc.no_sync(self.model)
+        with ctx:
+            with acc.autocast() if self.sharded else _null():
+                if images.shape[0] > 0:
+                    loss = task.loss_fn(self.model, images, labels, self.step, micro)
+                else:  # every sample was corrupt: a zero-gradient pass keeps the ranks in lockstep
+                    dummy = images.new_zeros(2, *images.shape[1:])
+                    loss = task.loss_fn(self.model, dummy, labels.new_zeros(2), self.step, micro) * 0.0
+            if self.fault_nan_step == self.step + 1:
+                loss = loss * float("nan")
+            acc.backward(loss / ga)
+        loss = loss.detach().float()
+        self.loss_sum += loss
+        self.first_bad = torch.where(
+            (self.first_bad < 0) & ~torch.isfinite(loss), self.step + 1, self.first_bad
+        )
+
+    def _optimizer_step(self) -> None:
+        cfg, d = self.cfg, self.derived
+        set_lr(self.optimizer, lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr))
+        if cfg.train.clip_grad > 0:
+            self.acc.clip_grad_norm_(self.params, cfg.train.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _bookkeeping(self, meter: Meter) -> int | None:
+        """After an optimizer step: log, monitor, evaluate, checkpoint, obey a stop signal. Returns the exit
+        code when the run stops here, None to go on."""
+        cfg, d, task, spe = self.cfg, self.derived, self.task, self.derived.steps_per_epoch
+        final = self.step == d.total_steps
+        monitor_due = (
+            task.monitor is not None and task.monitor_every > 0 and self.step % task.monitor_every == 0
+        )
+        eval_due = task.evaluate is not None and (
+            final or (self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0)
+        )
+        row = {}
+        if self.step % cfg.log.every_steps == 0 or final or monitor_due or eval_due:
+            row = self._log_row(meter)
+        with meter.paused():
+            if monitor_due:
+                row.update(task.monitor(self.raw_model, self.step))
+                self.model.train()
+            if eval_due:
+                metrics = task.evaluate(self.raw_model, self.step)
+                self.model.train()
+                row.update(metrics)
+                self.log(f"eval at step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                if task.on_eval is not None:
+                    task.on_eval(self.raw_model, metrics, self.step)
+            if row:
+                self.write_row(row)
+            signum = self._should_stop()
+            if final or signum or self.step % cfg.checkpoint.every_steps == 0:
+                path = self.save()
+                self.log(f"checkpoint {path}")
+        if signum:
+            self.log(f"{signal.Signals(signum).name} received: checkpointed step {self.step}, exiting")
+            if signum == signal.SIGUSR1 and self.acc.is_main_process:
+                self.log(request_requeue(cfg.checkpoint.max_requeues))
+            return 0
+        return None
+
+    def _log_row(self, meter: Meter) -> dict:
+        """The metrics row of this step: mean loss over the window (one reduction), lr, img/s, data wait;
+        printed on rank 0. Reading the loss is the only device sync of the window."""
+        acc, d, ga = self.acc, self.derived, self.cfg.train.grad_accum
+        self._check_finite()
+        n = max(meter.window_steps * ga * acc.num_processes, 1)
+        mean_loss = acc.reduce(self.loss_sum, reduction="sum").item() / n
+        self.loss_sum.zero_()
+        m = meter.read(self.step)
+        group = self.optimizer.param_groups[0]
+        row = {
+            "step": self.step,
+            "epoch": round(self.step / d.steps_per_epoch, 4),
+            "loss": mean_loss,
+            "lr": group["lr"] / group.get("lr_scale", 1.0),
+            "img_per_s": round(m.img_per_s, 2),
+            "data_wait": m.data_wait,
+            "bad_samples": self.bad_samples,
+            "peak_mem_gb": round(peak_mem_gb(acc.device), 3),
+        }
+        self.log(
+            f"step {self.step}/{d.total_steps} epoch {row['epoch']:.2f} loss {mean_loss:.4f} lr {row['lr']:.3g} "
+            f"{m.img_per_s:.1f} img/s data_wait {m.data_wait:.1%} ETA {fmt_time(m.eta_s)} "
+            f"peak {row['peak_mem_gb']:.2f} GB"
+            + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
+        )
+        return row
 
 
 def _inner(optimizer) -> torch.optim.Optimizer:

@@ -29,7 +29,7 @@ from mae.data import (
 def data_cfg(**kw):
     base = dict(train="synthetic", val="", fmnist_dir="", num_workers=0, shuffle_buffer=50, epoch_samples=0,
                 resampled=False, synthetic_samples=64, label_fraction=1.0, mean=[0.0], std=[1.0], scale_min=0.2,
-                hflip=True, crop_pct=0.875, auto_augment="", reprob=0.0)  # fmt: skip
+                hflip=True, crop_pct=0.875, auto_augment="", reprob=0.0, decode="cpu")  # fmt: skip
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -129,3 +129,34 @@ def test_img_per_s_leaves_out_warm_up_monitor_and_checkpoint_time(tmp_path):
     assert wall > 5.0  # the stalls happened: 1 warm-up + 4 monitor calls
     # counted, the stalls would cap each window at 2 steps x 8 images / 1 s = 16 img/s
     assert all(r["img_per_s"] > 100 for r in logged), logged
+
+
+class SlowLoader(StubLoader):
+    """The stub's batches, each arriving `delay` seconds after it is asked for."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def iterate(self, epoch, start_step=0):
+        import time
+
+        for batch in super().iterate(epoch, start_step):
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_data_wait_is_the_fraction_of_the_window_spent_waiting_for_batches(tmp_path):
+    """Every logged row carries data_wait; a loader much slower than the step shows up as most of the time."""
+    rates = {}
+    for delay in (0.0, 0.3):
+        out = tmp_path / f"delay{delay}"
+        cfg = stub_config(out, "checkpoint.every_steps=100", "log.every_steps=2")
+        model = nn.Sequential(nn.Linear(3, 2))
+        task = Task(model=model, groups=param_groups(model, 0.0), loader=SlowLoader(delay),
+                    loss_fn=lambda m, x, y, step, micro: nn.functional.cross_entropy(m(x), y) if len(x) else m(x).sum())  # fmt: skip
+        assert train(cfg, make_accelerator(cfg), task) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [2, 4, 6, 8] and all(0.0 <= r["data_wait"] <= 1.0 for r in rows)
+        rates[delay] = rows
+    assert all(r["data_wait"] > 0.6 for r in rates[0.3]), rates[0.3]  # a step takes tens of ms, a batch 300
+    assert min(r["data_wait"] for r in rates[0.0]) < min(r["data_wait"] for r in rates[0.3])

@@ -3,54 +3,62 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
 import torch
 
+from .device import Finisher, Prefetcher, RawBatch, assemble
 from .images import SUPPORTED_CHANS, BadSampleLog, ImageDecodeError
-from .shards import ShardStream, resolve_shards, shard_num_samples, stack_batch
-from .sources import DataError, balanced_order, is_shard_source, label_subset, map_source
-from .transforms import build_transform, sample_seed, seeded
+from .jpeg import CropDraw, worker_sample
+from .shards import ShardStream, resolve_shards, shard_num_samples
+from .sources import DataError, SyntheticSource, balanced_order, is_shard_source, label_subset, map_source
+from .transforms import build_transform, norm_stats, sample_seed, seeded
 
 log = logging.getLogger("mae.data")
 SUBSET_SEED = 0  # label_fraction / k-NN subsets are the same for every run seed, so runs compare
 
 
 class _MapDataset(torch.utils.data.Dataset):
-    """Item (index, position) -> (image tensor, label) or None for a bad sample; the augmentation is seeded
-    from (seed, epoch, position in the epoch), so it does not depend on which worker loads it."""
+    """Item (index, position) -> (image tensor or DeferredCrop, label), or None for a bad sample; the
+    augmentation is seeded from (seed, epoch, position in the epoch), so it does not depend on which worker
+    loads it. With `draw` (MAE crops) JPEG files go through mae.data.jpeg.worker_sample: cropped here, or
+    left encoded for the device when `to_device` (data.decode=device)."""
 
-    def __init__(self, source, transform, in_chans: int, seed: int, epoch: int):
-        self.source, self.transform, self.in_chans, self.seed, self.epoch = (
-            source,
-            transform,
-            in_chans,
-            seed,
-            epoch,
-        )
+    def __init__(self, source, transform, in_chans: int, seed: int, epoch: int, draw: CropDraw | None = None,
+                 to_device: bool = False):  # fmt: skip
+        self.source, self.transform, self.in_chans = source, transform, in_chans
+        self.seed, self.epoch = seed, epoch
         self.labels = np.asarray(source.labels)
         self.badlog = BadSampleLog()
+        self.draw = draw if hasattr(source, "read") else None  # only files have encoded bytes
+        self.to_device = to_device
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, item):
-        i, pos = item
+        i, pos = int(item[0]), item[1]
+        seed = sample_seed(self.seed, self.epoch, pos)
         try:
-            img = self.source.load(int(i), self.in_chans)
+            if self.draw is not None:
+                data, name = self.source.read(i), self.source.name(i)
+                x = worker_sample(data, self.in_chans, self.transform, self.draw, seed, self.to_device, name)
+            else:
+                img = self.source.load(i, self.in_chans)
+                with seeded(seed):
+                    x = self.transform(img)
         except (ImageDecodeError, OSError) as e:
-            self.badlog(self.source.name(int(i)), str(e))
+            self.badlog(self.source.name(i), str(e))
             return None
-        with seeded(sample_seed(self.seed, self.epoch, pos)):
-            x = self.transform(img)
         return x, int(self.labels[i])
 
 
-def _collate(items, shape):
+def _collate(items, shape) -> RawBatch:
     good = [it for it in items if it is not None]
-    return stack_batch([x for x, _ in good], [y for _, y in good], len(items) - len(good), shape)
+    return assemble([x for x, _ in good], [y for _, y in good], len(items) - len(good), shape)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -79,18 +87,30 @@ def _data_loader(dataset, num_workers: int, **kw) -> torch.utils.data.DataLoader
 
 
 class TrainLoader:
-    """Training batches for one rank. `iterate(epoch, start_step)` yields (images, labels, n_bad) for steps
-    start_step .. steps_per_epoch - 1 of that epoch; a batch holds batch_size drawn samples minus the bad ones."""
+    """Training batches for one rank, steps start_step .. steps_per_epoch - 1 of an epoch; a batch holds
+    batch_size drawn samples minus the bad ones.
 
-    def __init__(self, *, num_samples: int, steps_per_epoch: int, num_classes: int, make):
+    `device_batches(epoch, start_step, device)`: (images float32 (B', C, S, S), labels, n_bad) on `device`,
+    prefetched (what the training loop reads). `iterate(epoch, start_step)`: the same batches on the CPU.
+    `raw(epoch, start_step)`: what the workers hand over (RawBatch). `decode`: "cpu" or "device".
+    """
+
+    def __init__(self, *, num_samples: int, steps_per_epoch: int, num_classes: int, make, finish: Finisher,
+                 decode: str = "cpu"):  # fmt: skip
         self.num_samples, self.steps_per_epoch, self.num_classes = num_samples, steps_per_epoch, num_classes
-        self._make = make
+        self._make, self.finish, self.decode = make, finish, decode
 
-    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def raw(self, epoch: int, start_step: int = 0) -> Iterator[RawBatch]:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         if start_step < self.steps_per_epoch:
             yield from self._make(epoch, start_step)
+
+    def device_batches(self, epoch: int, start_step: int, device: torch.device):
+        return Prefetcher(self.raw(epoch, start_step), torch.device(device), self.finish)
+
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        return iter(self.device_batches(epoch, start_step, torch.device("cpu")))
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -99,11 +119,12 @@ class TrainLoader:
 class EvalLoader:
     """Every sample of the source once across ranks (no padding, no drop_last), in a fixed order."""
 
-    def __init__(self, *, num_samples: int, num_classes: int, loader):
-        self.num_samples, self.num_classes, self._loader = num_samples, num_classes, loader
+    def __init__(self, *, num_samples: int, num_classes: int, loader, finish: Finisher):
+        self.num_samples, self.num_classes = num_samples, num_classes
+        self._loader, self._finish = loader, finish
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        return iter(self._loader)
+        return iter(Prefetcher(self._loader, torch.device("cpu"), self._finish))
 
 
 def _check(in_chans: int, batch_size: int, rank: int, world_size: int) -> None:
@@ -127,12 +148,35 @@ def _epoch_order(subset: np.ndarray, num_samples: int, seed: int, epoch: int) ->
     return np.concatenate([subset[rng.permutation(len(subset))] for _ in range(reps)])[:num_samples]
 
 
+DECODES = ("auto", "cpu", "device")
+
+
+def resolve_decode(cfg, source: str, augment: str) -> str:
+    """data.decode -> "cpu" or "device". auto: the device on CUDA for file sources (folders, shards) under the
+    pretraining augmentation, the CPU elsewhere."""
+    mode = str(getattr(cfg, "decode", "auto"))
+    if mode not in DECODES:
+        raise DataError(f"data.decode must be one of {', '.join(DECODES)}, got {mode!r}")
+    if mode == "auto":
+        files = is_shard_source(source) or os.path.isdir(source)
+        return "device" if torch.cuda.is_available() and files and augment == "mae" else "cpu"
+    if mode == "device" and augment != "mae":
+        raise DataError(f"data.decode=device decodes pretraining crops only; the {augment!r} augmentation "
+                        "runs on the CPU (use data.decode=cpu or auto)")  # fmt: skip
+    return mode
+
+
 def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_size: int, augment: str,
                        seed: int, rank: int, world_size: int) -> TrainLoader:  # fmt: skip
     """Training loader over any source (see docs/data.md). Map-style sources: every global step consumes the
-    next batch_size x world_size positions of a per-(seed, epoch) permutation, rank r taking block r."""
+    next batch_size x world_size positions of a per-(seed, epoch) permutation, rank r taking block r.
+    Workers hand over uint8 crops (normalised on the device) except under fine-tuning's float transforms."""
     _check(in_chans, batch_size, rank, world_size)
-    transform = build_transform(cfg, augment, img_size, in_chans)
+    transform = build_transform(cfg, augment, img_size, in_chans, uint8=augment != "finetune")
+    decode = resolve_decode(cfg, source, augment)
+    draw = CropDraw(img_size, (float(cfg.scale_min), 1.0), bool(cfg.hflip)) if augment == "mae" else None
+    to_device = decode == "device"
+    finish = Finisher(*norm_stats(cfg, in_chans), img_size, in_chans)
     shape, workers = (in_chans, img_size, img_size), int(cfg.num_workers)
     per_step = batch_size * world_size
     if is_shard_source(source):
@@ -147,12 +191,12 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
             stream = ShardStream(shards, transform=transform, in_chans=in_chans, img_size=img_size,
                                  batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                                  train=True, steps=steps, start_step=start_step, resampled=bool(cfg.resampled),
-                                 shuffle_buffer=int(cfg.shuffle_buffer))  # fmt: skip
+                                 shuffle_buffer=int(cfg.shuffle_buffer), draw=draw,
+                                 to_device=to_device)  # fmt: skip
             return _data_loader(stream, workers, batch_size=None)
 
-        return TrainLoader(
-            num_samples=num_samples, steps_per_epoch=steps, num_classes=shards.num_classes, make=make
-        )
+        return TrainLoader(num_samples=num_samples, steps_per_epoch=steps, num_classes=shards.num_classes,
+                           make=make, finish=finish, decode=decode)  # fmt: skip
 
     src = map_source(cfg, source, img_size=img_size, train=True)
     subset = np.arange(len(src))
@@ -160,6 +204,8 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
         subset = label_subset(np.asarray(src.labels), float(cfg.label_fraction), SUBSET_SEED)
     num_samples = int(cfg.epoch_samples) or len(subset)
     steps = _steps(num_samples, per_step, source)
+    drawn_on_device = isinstance(src, SyntheticSource) and augment == "mae"
+    finish.synthetic_split = getattr(src, "split", 0)
 
     def make(epoch: int, start_step: int):
         order = _epoch_order(subset, num_samples, seed, epoch)
@@ -167,14 +213,22 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
             ((k * world_size + rank) * batch_size, (k * world_size + rank + 1) * batch_size)
             for k in range(start_step, steps)
         ]
-        dataset = _MapDataset(src, transform, in_chans, seed, epoch)
+        if drawn_on_device:  # nothing to load: the indices are the batch
+            return (_synthetic_batch(src, order[a:b]) for a, b in bounds)
+        dataset = _MapDataset(src, transform, in_chans, seed, epoch, draw, to_device)
         return _data_loader(
             dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=partial(_collate, shape=shape)
         )
 
-    return TrainLoader(
-        num_samples=num_samples, steps_per_epoch=steps, num_classes=_num_classes(src), make=make
-    )
+    return TrainLoader(num_samples=num_samples, steps_per_epoch=steps, num_classes=_num_classes(src), make=make,
+                       finish=finish, decode=decode)  # fmt: skip
+
+
+def _synthetic_batch(src: SyntheticSource, indices: np.ndarray) -> RawBatch:
+    """A batch of the synthetic source to draw on the device (mae.data.synthetic)."""
+    index = torch.as_tensor(indices, dtype=torch.int64)
+    labels = torch.as_tensor(np.asarray(src.labels)[indices], dtype=torch.int64)
+    return RawBatch(torch.empty(0, dtype=torch.uint8), labels, 0, render=index)
 
 
 def _steps(num_samples: int, per_step: int, source: str) -> int:
@@ -190,7 +244,8 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
     """Eval loader: resize to img_size / crop_pct + center crop. Rank r gets a contiguous block of the samples.
     max_samples > 0: the first max_samples of a fixed class-balanced order (a k-NN memory bank)."""
     _check(in_chans, batch_size, rank, world_size)
-    transform = build_transform(cfg, "none", img_size, in_chans)
+    transform = build_transform(cfg, "none", img_size, in_chans, uint8=True)
+    finish = Finisher(*norm_stats(cfg, in_chans), img_size, in_chans)
     shape, workers = (in_chans, img_size, img_size), int(cfg.num_workers)
     if is_shard_source(source):
         shards = resolve_shards(source)
@@ -200,7 +255,7 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
                              max_samples=max_samples)  # fmt: skip
         loader = _data_loader(stream, workers, batch_size=None)
         n = min(total, max_samples) if max_samples > 0 else total
-        return EvalLoader(num_samples=n, num_classes=shards.num_classes, loader=loader)
+        return EvalLoader(num_samples=n, num_classes=shards.num_classes, loader=loader, finish=finish)
 
     src = map_source(cfg, source, img_size=img_size, train=False)
     order = np.arange(len(src))
@@ -212,4 +267,4 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
     loader = _data_loader(
         dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=partial(_collate, shape=shape)
     )
-    return EvalLoader(num_samples=len(order), num_classes=_num_classes(src), loader=loader)
+    return EvalLoader(num_samples=len(order), num_classes=_num_classes(src), loader=loader, finish=finish)

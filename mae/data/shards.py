@@ -22,9 +22,11 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from .images import IMAGE_EXTS, BadSampleLog, ImageDecodeError, decode_image
+from .device import assemble
+from .images import IMAGE_EXTS, BadSampleLog, ImageDecodeError
+from .jpeg import CropDraw, worker_sample
 from .sources import MANIFESTS, DataError
-from .transforms import sample_seed, seeded
+from .transforms import sample_seed
 
 log = logging.getLogger("mae.data")
 MANIFEST = MANIFESTS[0]
@@ -192,7 +194,7 @@ def image_member(sample: dict) -> str | None:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Batches (images (B', C, H, W), labels (B',), n_bad) from webdataset shards, built in each worker.
+    """Batches (mae.data.device.RawBatch: B' samples) from webdataset shards, built in each worker.
 
     A batch is `batch_size` consecutive samples of the worker's stream minus the bad ones (B' <= B), so the
     position of every batch is known without decoding: resuming at a step skips raw tar members only.
@@ -208,7 +210,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: ShardSet, *, transform, in_chans: int, img_size: int, batch_size: int, seed: int, epoch: int,
                  rank: int, world_size: int, train: bool, steps: int = 0, start_step: int = 0,
-                 resampled: bool = False, shuffle_buffer: int = 0, max_samples: int = 0):  # fmt: skip
+                 resampled: bool = False, shuffle_buffer: int = 0, max_samples: int = 0,
+                 draw: CropDraw | None = None, to_device: bool = False):  # fmt: skip
         super().__init__()
         self.urls, self.sizes, self.transform, self.in_chans, self.batch_size = (
             shards.urls,
@@ -221,6 +224,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.train, self.steps, self.start_step = train, steps, start_step
         self.resampled, self.shuffle_buffer, self.max_samples = resampled, shuffle_buffer, max_samples
         self.tar_errors, self.shape = 0, (in_chans, img_size, img_size)
+        self.draw, self.to_device = draw, to_device  # MAE crops of JPEGs: mae.data.jpeg.worker_sample
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -336,7 +340,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             empty = 0 if n else empty + 1
 
     def _decode_batch(self, group: list[dict], role: int, pos0: int):
-        imgs, labels, n_bad = [], [], self.tar_errors
+        items, labels, n_bad = [], [], self.tar_errors
         self.tar_errors = 0
         for j, sample in enumerate(group):
             sample = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
@@ -350,18 +354,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                         f"no image member (found {', '.join(k for k in sample if not k.startswith('__'))})"
                     )
                 label = int(sample["cls"]) if "cls" in sample else -1
-                img = decode_image(sample[ext], self.in_chans)
+                seed = sample_seed(self.seed, self.epoch, self.rank, role, pos0 + j)
+                args = (self.in_chans, self.transform, self.draw, seed, self.to_device, name)
+                items.append(worker_sample(sample[ext], *args))
             except (ImageDecodeError, ValueError) as e:
                 n_bad += 1
                 self.badlog(name, str(e))
                 continue
-            with seeded(sample_seed(self.seed, self.epoch, self.rank, role, pos0 + j)):
-                imgs.append(self.transform(img))
             labels.append(label)
-        return stack_batch(imgs, labels, n_bad, self.shape)
-
-
-def stack_batch(imgs: list, labels: list, n_bad: int, shape: tuple[int, int, int]):
-    """(images float32 (B, C, H, W), labels int64 (B,), n_bad); an all-bad batch has B = 0."""
-    x = torch.stack(imgs) if imgs else torch.empty(0, *shape)
-    return x, torch.tensor(labels, dtype=torch.int64), n_bad
+        return assemble(items, labels, n_bad, self.shape)

@@ -112,9 +112,13 @@ class FolderSource:
     def name(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i].decode())
 
-    def load(self, i: int, in_chans: int) -> Image.Image:
+    def read(self, i: int) -> bytes:
+        """The encoded file."""
         with open(self.name(i), "rb") as f:
-            return decode_image(f.read(), in_chans)
+            return f.read()
+
+    def load(self, i: int, in_chans: int) -> Image.Image:
+        return decode_image(self.read(i), in_chans)
 
 
 @dataclass

@@ -38,8 +38,9 @@ def norm_stats(cfg, in_chans: int) -> tuple[list[float], list[float]]:
     return mean, std
 
 
-def build_transform(cfg, augment: str, img_size: int, in_chans: int):
-    """PIL image (in_chans channels) -> float32 tensor (C, img_size, img_size), normalized.
+def build_transform(cfg, augment: str, img_size: int, in_chans: int, uint8: bool = False):
+    """PIL image (in_chans channels) -> float32 tensor (C, img_size, img_size), normalized; with `uint8`, the
+    uint8 crop (C, img_size, img_size) instead, cast and normalised later on the device (mae.data.device).
 
     mae:      RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference pretraining.
     finetune: timm's create_transform (RandAugment, random erasing) for RGB; grayscale goes through RGB for
@@ -52,7 +53,7 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
         raise DataError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     mean, std = norm_stats(cfg, in_chans)
     flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
-    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    tail = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]
     if augment == "mae":
         return T.Compose(
             [
@@ -65,8 +66,12 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int):
         crop = SingleDrawRandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
         return T.Compose([crop, *flip, *tail])
     if augment == "finetune":
+        if uint8:
+            raise ValueError(
+                "the fine-tuning transform normalises in the worker (RandAugment, erasing): no uint8"
+            )
         return _finetune_transform(cfg, img_size, in_chans, mean, std)
-    return eval_transform(img_size, mean, std, cfg.crop_pct)
+    return eval_transform(img_size, mean, std, cfg.crop_pct, uint8=uint8)
 
 
 def eval_crop_pct(crop_pct: float, img_size: int) -> float:
@@ -76,12 +81,12 @@ def eval_crop_pct(crop_pct: float, img_size: int) -> float:
     return 224 / 256 if img_size <= 224 else 1.0
 
 
-def eval_transform(img_size: int, mean, std, crop_pct: float = 0.0):
-    """Resize the shorter side to img_size / crop_pct (bicubic), center crop img_size, normalize."""
+def eval_transform(img_size: int, mean, std, crop_pct: float = 0.0, uint8: bool = False):
+    """Resize the shorter side to img_size / crop_pct (bicubic), center crop img_size, normalize (or, with
+    `uint8`, leave the uint8 crop for the device)."""
     size = int(img_size / eval_crop_pct(crop_pct, img_size))
-    return T.Compose(
-        [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)]
-    )
+    tail = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose([T.Resize(size, interpolation=BICUBIC), T.CenterCrop(img_size), *tail])
 
 
 def _posterize(img, bits_to_keep, **__):
