@@ -172,6 +172,8 @@ def request_requeue(max_requeues: int) -> str:
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"scontrol requeue {job} failed: {e}"
+    if r.returncode < 0:  # SLURM stops every process of the job for the requeue, scontrol included
+        return f"scontrol requeue {job} ended by signal {-r.returncode} (the job is being stopped for the requeue)"
     if r.returncode != 0:
         return f"scontrol requeue {job} failed: {r.stderr.strip()}"
     return f"requeued SLURM job {job} (restart {restarts + 1} of at most {max_requeues})"

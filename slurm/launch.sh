@@ -77,7 +77,9 @@ setsid srun "${step[@]}" bash -c "$step_cmd" launch "${args[@]}" &
 srun_pid=$!
 forward() {
     echo "[$(date '+%F %T')] job $SLURM_JOB_ID: SIG$1 to the batch shell; passed on to the training processes"
-    scancel --signal="$1" "$SLURM_JOB_ID" || true
+    # bounded: while SLURM is ending the job (requeue, time limit) scancel can block until KillWait, and a
+    # late delivery would reach the requeued job's new processes
+    timeout 3 scancel --signal="$1" "$SLURM_JOB_ID" >/dev/null 2>&1 || true
 }
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1
