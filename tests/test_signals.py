@@ -99,6 +99,7 @@ def test_group_signal_with_workers_checkpoints_exits_0_and_resumes(tmp_path, ref
     log, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-3000:]
     step = assert_stopped_at_checkpoint(out, log, sig)
+    print(f"\n[signals] {sig} to the process group: exit {p.returncode}, checkpoint at step {step}")
     assert 3 <= step < 24 and "DataLoader worker" not in err
     rerun_matches_reference(args, out, step, reference)
 
@@ -116,6 +117,7 @@ def test_ctrl_c_stops_after_the_step_with_one_line_then_resumes(tmp_path, refere
     assert p.returncode == 130, err[-3000:]
     assert log.count(INT_NOTICE) == 1 and "KeyboardInterrupt" not in err
     step = assert_stopped_at_checkpoint(out, log, "SIGINT")
+    print(f"\n[signals] Ctrl-C (SIGINT to the group): exit {p.returncode}, checkpoint at step {step}")
     rerun_matches_reference(args, out, step, reference)
 
 
@@ -138,6 +140,7 @@ def test_second_ctrl_c_aborts_at_once_inside_a_checkpoint_write(tmp_path, refere
     assert took < 5, f"the second Ctrl-C took {took:.1f} s"
     assert log.count(INT_NOTICE) == 1 and log.count("aborted (second Ctrl-C)") == 1
     assert partial(out) != [] and "checkpointed step" not in log
+    print(f"\n[signals] Ctrl-C twice: exit {p.returncode} {took:.2f} s after the second, {partial(out)} left")
     again = start(args)
     log, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
@@ -204,6 +207,7 @@ def test_two_process_group_sigterm_stops_every_rank_at_one_step_and_resumes(tmp_
     assert p.returncode == 1 and "got signal: 15" in err, err[-3000:]
     step = assert_stopped_at_checkpoint(out, log, "SIGTERM")
     assert step < 48
+    print(f"\n[signals] 2-process group SIGTERM: launcher exit {p.returncode}, checkpoint at step {step}")
     assert {f.name for f in ckpt(out, step).iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt"}
     exchanges, steps = map(int, re.search(r"stop flags compared (\d+) times in (\d+) steps", log).groups())
     assert steps == step and 1 <= exchanges < steps, (exchanges, steps)

@@ -1,7 +1,8 @@
 """SLURM, against a real scheduler on this machine (scripts/slurm_local.sh: munged, slurmctld, two slurmd
 "nodes"): the pretraining sbatch script runs the demo on 2 gloo processes to completion; a job warned of its
-time limit checkpoints, requeues itself and continues across 2 nodes; a cancelled job leaves a loadable
-checkpoint."""
+time limit checkpoints, requeues itself and continues across 2 nodes; a cancelled job, a job whose every
+process gets SIGTERM (`scancel --signal=TERM --full`) and a job at its time limit leave a loadable checkpoint
+of the step they stopped at, data workers on."""
 
 import json
 import os
