@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from _faults import (
     KILL_ARGS,
@@ -37,8 +38,12 @@ from _faults import (
     weights,
 )
 from conftest import TWO_CPU_PROCESSES, needs_fmnist
+from PIL import Image
 
+from data_tools.make_shards import main as make_shards
 from mae.checkpoint import load_train_state
+from mae.config import load_config
+from mae.data import build_eval_loader, build_train_loader
 from mae.runtime import STOP, StopExchange
 
 pytestmark = pytest.mark.slow
@@ -73,6 +78,51 @@ def assert_stopped_at_checkpoint(out, log: str, sig: str) -> int:
     assert state["step"] == step and rng is not None
     assert logged_steps(out) == list(range(1, step + 1))
     return step
+
+
+# ------------------------------------------------------------------------------------------------ data workers
+
+
+def _image_folder(root) -> None:
+    for i in range(40):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (6 * i, 255 - 6 * i, 128)).save(root / "ab"[i % 2] / f"{i:02d}.png")
+
+
+def _batches(kind: str, tmp_path):
+    """The batches of one epoch of a loader of `kind`, with 2 workers."""
+    cfg = load_config(TINY_FMNIST + WORKERS).data
+    rgb = dict(img_size=16, in_chans=3, batch_size=4, rank=0, world_size=1)
+    if kind in ("image folder", "shards"):
+        _image_folder(tmp_path / "images")
+        source = str(tmp_path / "images")
+        if kind == "shards":
+            args = [source, str(tmp_path / "shards"), "--samples-per-shard", "8", "--no-progress"]
+            assert make_shards([*args, "--workers", "1"]) == 0
+            source = str(tmp_path / "shards")
+        return build_train_loader(cfg, source=source, augment="mae", seed=0, **rgb).iterate(0)
+    grey = dict(img_size=28, in_chans=1, batch_size=16, rank=0, world_size=1)
+    if kind == "built-in, evaluation (k-NN bank)":
+        return iter(build_eval_loader(cfg, source="fashion-mnist", max_samples=128, **grey))
+    return build_train_loader(cfg, source="fashion-mnist", augment="mae", seed=0, **grey).iterate(0)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("kind", ["built-in", "built-in, evaluation (k-NN bank)", "image folder", "shards"])
+def test_data_workers_of_every_loader_ignore_stop_signals(tmp_path, kind):
+    """Every worker of every kind of loader gets SIGTERM, SIGINT and SIGUSR1 (as from a group signal) after
+    the first batch: each keeps working and the epoch is delivered whole (the trainer decides when to stop)."""
+    batches = _batches(kind, tmp_path)
+    seen = [next(batches)]
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for w in workers:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(w.pid, sig)
+    time.sleep(0.3)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    seen += list(batches)  # a dead worker would raise here
+    assert len(seen) == (8 if kind.startswith("built-in") else 10)
 
 
 def rerun_matches_reference(args: list[str], out, step: int, reference) -> None:

@@ -75,6 +75,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _worker_init(_):
+    # SIGTERM too: torch's own handler exits only for its parent's SIGTERM and dies of anyone else's. A worker
+    # asked to stop by the parent finishes its batch and leaves at the shutdown sentinel.
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones were discarded by SIG_IGN
@@ -86,12 +88,12 @@ class _DataLoader(torch.utils.data.DataLoader):
     the signals blocked (a signal landing between fork and worker_init waits, then is ignored), and the
     parent's own delivery is only deferred while workers start (once per epoch; nothing per batch)."""
 
-    def _get_iterator(self):
+    def __iter__(self):
         if self.num_workers == 0:
-            return super()._get_iterator()
+            return super().__iter__()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super()._get_iterator()
+            return super().__iter__()  # starts the workers (a persistent loader: the first time only)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
