@@ -115,6 +115,8 @@ def claim_output_dir(out: Path, wait_s: float, accelerator) -> RunLock | None:
             lock = acquire(out, wait_s)
         except OutputDirBusy as e:
             msg = str(e)
+        except OSError as e:  # e.g. a read-only or missing parent: every rank stops with the same line
+            msg = f"output_dir {out} cannot be created or locked: {e.strerror or e}"
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
