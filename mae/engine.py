@@ -32,7 +32,8 @@ from mae import fsdp
 from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
 from mae.meter import Meter
 from mae.optim import build_optimizer, lr_at, set_lr
-from mae.runtime import STOP, fmt_time, peak_mem_gb, request_requeue
+from mae.runlock import claim_output_dir
+from mae.runtime import STOP, StopExchange, fmt_time, peak_mem_gb, request_requeue
 
 
 class TrainingError(RuntimeError):
@@ -87,6 +88,7 @@ class Trainer:
         self.step = 0
         self.bad_samples = 0
         self.stop = STOP
+        self.exchange = StopExchange(cfg.checkpoint.stop_check_s)
         self._ctrl_group = None
         # Fault injection for the reliability tests (read at run time, never at import):
         # MAE_FAULT_NAN_STEP=k makes the loss of step k non-finite; MAE_FAULT_CKPT_DELAY=s sleeps s
@@ -208,14 +210,20 @@ class Trainer:
             )
 
     def _should_stop(self) -> int:
-        """The signal all ranks agree on (0 = none), exchanged on a CPU gloo group (no device sync)."""
+        """The stop signal all ranks agree on (0 = none). One process reads its flag every step (free); several
+        exchange theirs on a CPU gloo group (no device sync) when `self.exchange` says (runtime.StopExchange)."""
         if self.acc.num_processes == 1:
             return self.stop.signum
+        if not self.exchange.due(self.step):
+            return 0
         if self._ctrl_group is None:
             self._ctrl_group = dist.new_group(backend="gloo")
-        flag = torch.tensor([self.stop.signum], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_group)
-        return int(flag.item())
+        now = time.monotonic()
+        # one MAX all-reduce: the highest signal and the smallest proposed interval (negated)
+        t = torch.tensor([self.stop.signum, -self.exchange.proposal(self.step, now)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctrl_group)
+        self.exchange.agreed(self.step, now, -int(t[1]))
+        return int(t[0])
 
     # ---- logging
 
@@ -414,10 +422,7 @@ class Trainer:
                 path = self.save()
                 self.log(f"checkpoint {path}")
         if signum:
-            self.log(f"{signal.Signals(signum).name} received: checkpointed step {self.step}, exiting")
-            if signum == signal.SIGUSR1 and self.acc.is_main_process:
-                self.log(request_requeue(cfg.checkpoint.max_requeues))
-            return 0
+            return self._stopped(signum, meter.start_step)
         return None
 
     def _log_row(self, meter: Meter) -> dict:
@@ -447,6 +452,21 @@ class Trainer:
             + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
         )
         return row
+
+    def _stopped(self, signum: int, start_step: int) -> int:
+        """After the checkpoint of a signalled step: say so, requeue on SIGUSR1 under SLURM; the exit status
+        is 0, or 130 for Ctrl-C (the shell's code for an interrupted command, so `a && b` stops)."""
+        name = signal.Signals(signum).name
+        if self.acc.num_processes > 1:
+            self.log(
+                f"all {self.acc.num_processes} processes stop at step {self.step} (stop flags compared "
+                f"{self.exchange.count} times in {self.step - start_step} steps, about every "
+                f"{self.exchange.every_s:g} s: checkpoint.stop_check_s)"
+            )
+        self.log(f"{name} received: checkpointed step {self.step}, exiting")
+        if signum == signal.SIGUSR1 and self.acc.is_main_process:
+            self.log(request_requeue(self.cfg.checkpoint.max_requeues))
+        return 130 if signum == signal.SIGINT else 0
 
 
 def _inner(optimizer) -> torch.optim.Optimizer:
@@ -485,9 +505,14 @@ def _progress(cfg: DictConfig, acc: Accelerator, total: int, initial: int):
 
 
 def train(cfg: DictConfig, accelerator: Accelerator, task: Task) -> int:
+    lock = None
     try:
+        # one run per output_dir, from before it is read or cleaned up until the run has ended
+        lock = claim_output_dir(Path(cfg.output_dir), cfg.checkpoint.lock_wait_s, accelerator)
         return Trainer(cfg, accelerator, task).run()
     finally:
+        if lock is not None:
+            lock.release()
         STOP.restore()
 
 
@@ -511,7 +536,8 @@ def run_entry(
         seed_everything(cfg.seed, acc.process_index)
         rc = train(cfg, acc, build_task(cfg, acc))
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -47,12 +48,14 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         raise ConfigError(f"log.wandb={cfg.log.wandb!r}: expected online, offline or disabled")
     _reset_single_process_state()
     STOP.install()
-    return Accelerator(
+    acc = Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
         log_with="wandb" if cfg.log.wandb != "disabled" else None,
         project_dir=cfg.output_dir,
         cpu=not on_cuda,
     )
+    STOP.verbose = acc.is_main_process
+    return acc
 
 
 def _reset_single_process_state() -> None:
@@ -66,21 +69,43 @@ def _reset_single_process_state() -> None:
 
 
 class _Stop:
-    """Signal flag: SIGUSR1 (time limit ahead: checkpoint, requeue) or SIGTERM (checkpoint, exit)."""
+    """Signal flag: SIGUSR1 (time limit ahead: checkpoint, requeue), SIGTERM (checkpoint, exit 0) or SIGINT
+    (Ctrl-C: checkpoint, exit 130; a second Ctrl-C aborts at once with exit 130, losing the work since the
+    last checkpoint, as a kill would)."""
+
+    INT_NOTICE = "stopping after this step; press Ctrl-C again to abort"
 
     def __init__(self) -> None:
         self.signum = 0
+        self.verbose = True  # rank 0 says what a Ctrl-C does; the other ranks stay quiet
+        self._interrupted = False
         self._old = {}
 
     def install(self) -> None:
         if self._old:
             return
-        self.signum = 0
-        for s in (signal.SIGUSR1, signal.SIGTERM):
+        self.signum, self._interrupted = 0, False
+        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                self._say("aborted (second Ctrl-C): a re-run resumes from the last checkpoint")
+                os._exit(130)  # at once, even inside a collective or a checkpoint write
+            self._interrupted = True
+            self._say(self.INT_NOTICE)
         self.signum = signum
+
+    def _say(self, msg: str) -> None:
+        """One line straight to the stdout file descriptor: a handler may interrupt a print() in progress,
+        and re-entering its buffer would raise."""
+        if not self.verbose:
+            return
+        try:
+            os.write(sys.stdout.fileno(), (msg + "\n").encode())
+        except (AttributeError, OSError, ValueError):  # no file descriptor behind sys.stdout (notebooks)
+            pass
 
     def restore(self) -> None:
         for s, h in self._old.items():
@@ -91,6 +116,37 @@ class _Stop:
 # Installed as soon as an entry point makes its Accelerator, so that a signal arriving while the model and
 # data are still being built is not lost: the loop sees it at its first step.
 STOP = _Stop()
+
+
+class StopExchange:
+    """When the ranks of a multi-process run compare their stop flags (a CPU all-reduce, which every rank must
+    reach before any goes on). Every step would tie the hosts of all ranks together at every step; every k
+    steps with a fixed k is either too often for a 30 ms step or too rare for a 3 s one. So the ranks agree,
+    at each exchange, on the next one: about `every_s` seconds ahead at the slowest rank's recent step time
+    (at least 1 step, at most MAX_STEPS). A signal then stops the run at most ~`every_s` plus one step after
+    it arrives, small against a cluster's grace period (SLURM's KillWait is often 30 s), at the cost of one
+    small exchange per `every_s` seconds; all ranks still stop at the same step."""
+
+    MAX_STEPS = 1000
+
+    def __init__(self, every_s: float):
+        self.every_s = float(every_s)
+        self.next_step = 0  # the first step of a run is an exchange
+        self.count = 0
+        self._last: tuple[int, float] | None = None  # (step, time) of the previous exchange
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def proposal(self, step: int, now: float) -> int:
+        """Steps to the next exchange, as this rank sees it."""
+        if self._last is None or step <= self._last[0]:
+            return 1
+        step_s = (now - self._last[1]) / (step - self._last[0])
+        return int(min(max(self.every_s / max(step_s, 1e-6), 1), self.MAX_STEPS))
+
+    def agreed(self, step: int, now: float, steps: int) -> None:
+        self.next_step, self._last, self.count = step + steps, (step, now), self.count + 1
 
 
 def peak_mem_gb(device: torch.device) -> float:
@@ -116,6 +172,8 @@ def request_requeue(max_requeues: int) -> str:
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"scontrol requeue {job} failed: {e}"
+    if r.returncode < 0:  # SLURM stops every process of the job for the requeue, scontrol included
+        return f"scontrol requeue {job} ended by signal {-r.returncode} (the job is being stopped for the requeue)"
     if r.returncode != 0:
         return f"scontrol requeue {job} failed: {r.stderr.strip()}"
     return f"requeued SLURM job {job} (restart {restarts + 1} of at most {max_requeues})"

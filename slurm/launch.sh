@@ -56,17 +56,40 @@ step=(--nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=
 # srun does not inherit --cpus-per-task from the batch allocation in every SLURM version.
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 
-# SLURM delivers the warning signal (--signal=USR1@N, scancel --signal=USR1) to every process of the
-# step. The launcher ignores it and keeps watching its workers; the training processes (which set their own
-# handler) finish the step, checkpoint, ask for the requeue and exit 0.
-status=0
+# Signals. SLURM signals every process of a job step (the warning --signal=USR1@N, scancel, preemption, the
+# time limit): the training processes finish the step, checkpoint, exit 0 (and on SIGUSR1 ask for the
+# requeue); their data workers ignore it. The launcher (torch elastic agent) ignores SIGUSR1 and SIGTERM and
+# keeps watching its workers: by default it would forward SIGTERM, and a second SIGTERM during that
+# forwarding makes it exit at once, which ends the step and kills the processes still checkpointing.
 # shellcheck disable=SC2016  # expanded on each node: SLURM_NODEID is that node's rank
-srun "${step[@]}" bash -c '
-    trap "" USR1
+step_cmd='
+    trap "" USR1 TERM
+    export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # torchrun --signals-to-handle
     exec accelerate launch --config_file "$MAE_LAUNCH_CONFIG" \
         --num_machines "$SLURM_JOB_NUM_NODES" --machine_rank "$SLURM_NODEID" \
         --main_process_ip "$MAE_LAUNCH_MAIN" --main_process_port "$MAE_LAUNCH_PORT" \
         --num_processes "$MAE_LAUNCH_TOTAL" -m "$MAE_LAUNCH_MODULE" "$@"
-' launch "${args[@]}" || status=$?
+'
+# srun turns a SIGTERM it receives itself into SIGKILL for the whole step. Signals meant for this batch shell
+# (scancel --batch / --full, --signal=B:...) are sent to its process group, so srun runs in a session of its
+# own, and this shell passes them on to the step (where the training processes take them) and waits.
+setsid srun "${step[@]}" bash -c "$step_cmd" launch "${args[@]}" &
+srun_pid=$!
+forward() {
+    echo "[$(date '+%F %T')] job $SLURM_JOB_ID: SIG$1 to the batch shell; passed on to the training processes"
+    # bounded: while SLURM is ending the job (requeue, time limit) scancel can block until KillWait, and a
+    # late delivery would reach the requeued job's new processes
+    timeout 3 scancel --signal="$1" "$SLURM_JOB_ID" >/dev/null 2>&1 || true
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+# The job ends when this shell does: it waits for srun, whatever signals arrive meanwhile.
+while :; do
+    status=0
+    wait "$srun_pid" || status=$?
+    # above 128 with srun still there (a zombie counts): a trapped signal cut the wait short
+    ((status > 128)) && kill -0 "$srun_pid" 2>/dev/null && continue
+    break
+done
 echo "[$(date '+%F %T')] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: exit status $status"
 exit "$status"

@@ -37,6 +37,10 @@ TINY_FMNIST = [
 ]
 
 
+# 24 steps = 3 epochs of 8; a checkpoint every 6 steps, so resumes land mid-epoch.
+KILL_ARGS = TINY_FMNIST + ["train.max_steps=24", "checkpoint.every_steps=6", "checkpoint.keep=2"]
+
+
 def tiny_rgb(img_size: int = 16, patch_size: int = 8) -> list[str]:
     """The same tiny model on 3-channel images of another source (shards, folders, synthetic)."""
     swap = {"model.img_size": str(img_size), "model.patch_size": str(patch_size), "model.in_chans": "3"}
@@ -57,13 +61,14 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start(args: list[str], **env: str) -> subprocess.Popen:
-    """`python -m mae.pretrain ARGS` as a real process (its own session, so a kill reaches only it)."""
+def start(args: list[str], stdout: Path | None = None, **env: str) -> subprocess.Popen:
+    """`python -m mae.pretrain ARGS` as a real process (its own session, so a kill reaches only it); its
+    output is piped, or written to the file `stdout` (to read while it runs)."""
     return subprocess.Popen(
         [sys.executable, "-m", "mae.pretrain", *args],
         cwd=ROOT,
         env=child_env(**env),
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if stdout is None else open(stdout, "w"),  # noqa: SIM115 (the child owns it)
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -149,3 +154,24 @@ def snapshot(d: Path) -> dict[str, bytes]:
         elif p.is_file():
             out[str(p.relative_to(d))] = p.read_bytes()
     return out
+
+
+def uninterrupted(out: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The uninterrupted in-process run of KILL_ARGS (one thread, as the subprocesses): (rows, final weights)."""
+    from mae.pretrain import main
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(KILL_ARGS + [f"output_dir={out}"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return rows(out), weights(ckpt(out, 24))
+
+
+def assert_matches_reference(out: Path, reference, total: int = 24) -> None:
+    """Each step logged once, with the uninterrupted run's loss, and the uninterrupted run's final weights."""
+    ref_rows, ref_weights = reference
+    assert logged_steps(out) == list(range(1, total + 1))
+    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in ref_rows]
+    assert_same_weights(weights(ckpt(out, total)), ref_weights)

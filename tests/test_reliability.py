@@ -23,9 +23,10 @@ import pytest
 import torch
 import webdataset as wds
 from _faults import (
+    KILL_ARGS,
     ROOT,
     TINY_FMNIST,
-    assert_same_weights,
+    assert_matches_reference,
     child_env,
     ckpt,
     complete,
@@ -37,6 +38,7 @@ from _faults import (
     snapshot,
     start,
     tiny_rgb,
+    uninterrupted,
     wait_until,
     weights,
 )
@@ -51,9 +53,6 @@ from mae.pretrain import main
 
 pytestmark = pytest.mark.slow
 
-# 24 steps = 3 epochs of 8; a checkpoint every 6 steps, so resumes land mid-epoch.
-KILL_ARGS = TINY_FMNIST + ["train.max_steps=24", "checkpoint.every_steps=6", "checkpoint.keep=2"]
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -66,19 +65,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run of KILL_ARGS: (metrics rows, final weights)."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("reference") / "run"
-    assert main(KILL_ARGS + [f"output_dir={out}"]) == 0
-    return rows(out), weights(ckpt(out, 24))
-
-
-def assert_matches_reference(out: Path, reference) -> None:
-    """Each step logged once, with the uninterrupted run's loss, and the uninterrupted run's final weights."""
-    ref_rows, ref_weights = reference
-    assert logged_steps(out) == list(range(1, 25))
-    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in ref_rows]
-    assert_same_weights(weights(ckpt(out, 24)), ref_weights)
+    return uninterrupted(tmp_path_factory.mktemp("reference") / "run")
 
 
 # ------------------------------------------------------------------------------------------------ kills

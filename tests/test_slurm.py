@@ -1,7 +1,8 @@
 """SLURM, against a real scheduler on this machine (scripts/slurm_local.sh: munged, slurmctld, two slurmd
 "nodes"): the pretraining sbatch script runs the demo on 2 gloo processes to completion; a job warned of its
-time limit checkpoints, requeues itself and continues across 2 nodes; a cancelled job leaves a loadable
-checkpoint."""
+time limit checkpoints, requeues itself and continues across 2 nodes; a cancelled job, a job whose every
+process gets SIGTERM (`scancel --signal=TERM --full`) and a job at its time limit leave a loadable checkpoint
+of the step they stopped at, data workers on."""
 
 import json
 import os
@@ -31,6 +32,7 @@ DEMO = [
     "log.progress=false",
     "log.every_steps=1",
 ]
+WORKERS = "data.num_workers=2"  # in the signalled job too: they ignore the signal, the trainer stops them
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,9 @@ def slurm(env: dict, *cmd: str) -> str:
     return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
 
 
-def submit(env: dict, workdir: Path, name: str, *args: str, nodes: int = 1, per_node: int = 2) -> int:
+def submit(
+    env: dict, workdir: Path, name: str, *args: str, nodes: int = 1, per_node: int = 2, sbatch: tuple = ()
+) -> int:
     """sbatch slurm/pretrain.sbatch on CPU nodes (no GPUs), `per_node` gloo processes on each."""
     out = slurm(
         dict(env, MAE_PROCS_PER_NODE=str(per_node)),
@@ -71,6 +75,7 @@ def submit(env: dict, workdir: Path, name: str, *args: str, nodes: int = 1, per_
         "--cpus-per-task=2",
         f"--chdir={workdir}",
         f"--output={workdir}/%x-%j.out",
+        *sbatch,
         str(PRETRAIN),
         *args,
     )
@@ -158,11 +163,12 @@ def test_pretrain_job_completes_on_two_processes(slurm_env, tmp_path):
 @pytest.mark.slow
 def test_warned_job_requeues_and_continues_across_two_nodes(slurm_env, tmp_path):
     run, total = tmp_path / "run", 24
-    args = [f"output_dir={run}", f"train.max_steps={total}", "checkpoint.every_steps=10"]
+    args = [f"output_dir={run}", f"train.max_steps={total}", "checkpoint.every_steps=10", WORKERS]
     jid = submit(slurm_env, tmp_path, "demo-requeue", *DEMO, *args, nodes=2, per_node=1)
     wait_for_step(slurm_env, jid, run, 4)
     t_signal = time.monotonic()
-    slurm(slurm_env, "scancel", "--signal=USR1", str(jid))  # what --signal=USR1@300 sends before the limit
+    # what --signal=USR1@300 sends before the limit, here to every process of the job (batch shell included)
+    slurm(slurm_env, "scancel", "--signal=USR1", "--full", str(jid))
 
     def running_again():
         info = job(slurm_env, jid)
@@ -215,5 +221,61 @@ def test_cancelled_job_leaves_loadable_checkpoint(slurm_env, tmp_path):
     assert not list(run.glob("checkpoint-*.tmp"))
     model, cfg = load_run_model(run)
     assert cfg.model.name == "mae_vit_tiny_patch16"
+    loss, _, _ = model(torch.rand(2, 1, 28, 28))
+    assert torch.isfinite(loss)
+
+
+def assert_stopped_at_last_step(run: Path, log: str) -> int:
+    """The run checkpointed the last step it logged (each step logged once) and said so; returns it."""
+    step = checkpoint_step(run)
+    assert metric_steps(run) == list(range(1, step + 1)), log[-3000:]
+    assert f"SIGTERM received: checkpointed step {step}, exiting" in log
+    assert not list(run.glob("checkpoint-*.tmp"))
+    return step
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_the_job_checkpoints_and_resubmission_resumes(slurm_env, tmp_path):
+    """`scancel --signal=TERM --full`: the batch shell, srun, the launcher, the training processes and their
+    data workers all get SIGTERM. The job still ends cleanly with the checkpoint of the step it stopped at,
+    and the same job submitted again continues from it to the end, each step logged once."""
+    run, total = tmp_path / "run", 40
+    args = [*DEMO, WORKERS, f"output_dir={run}", f"train.max_steps={total}", "checkpoint.every_steps=100"]
+    jid = submit(slurm_env, tmp_path, "demo-term", *args)
+    wait_for_step(slurm_env, jid, run, 4)
+    slurm(slurm_env, "scancel", "--signal=TERM", "--full", str(jid))
+    info = wait_done(slurm_env, jid)
+    log = (tmp_path / f"demo-term-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    step = assert_stopped_at_last_step(run, log)
+    assert 4 <= step < total and "DataLoader worker" not in log
+    print(
+        f"\n[slurm] scancel --signal=TERM --full: {info['JobState']} {info['ExitCode']}, checkpoint at {step}"
+    )
+
+    again = submit(slurm_env, tmp_path, "demo-term", *args)
+    info = wait_done(slurm_env, again)
+    log = (tmp_path / f"demo-term-{again}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert f"at step {step}" in log and checkpoint_step(run) == total
+    assert metric_steps(run) == list(range(1, total + 1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_checkpoints_the_last_step(slurm_env, tmp_path):
+    """A job that reaches its time limit with no warning signal (here overridden by SIGURG, which everything
+    ignores): SLURM sends SIGTERM to every process, then SIGKILL after KillWait. The checkpoint of the step it
+    stopped at is written in between, complete and loadable."""
+    run = tmp_path / "run"
+    args = [*DEMO, WORKERS, f"output_dir={run}", "train.max_steps=100000", "checkpoint.every_steps=100000"]
+    jid = submit(slurm_env, tmp_path, "demo-limit", *args, sbatch=("--time=1", "--signal=URG@1"))
+    info = wait_done(slurm_env, jid)
+    log = (tmp_path / f"demo-limit-{jid}.out").read_text()
+    assert info["JobState"] == "TIMEOUT", log[-3000:]
+    step = assert_stopped_at_last_step(run, log)
+    print(f"\n[slurm] time limit: {info['JobState']} {info['ExitCode']}, checkpoint at {step}")
+    model, _ = load_run_model(run)
     loss, _, _ = model(torch.rand(2, 1, 28, 28))
     assert torch.isfinite(loss)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from functools import partial
 
@@ -75,12 +76,38 @@ class _Batches(torch.utils.data.Sampler):
             yield [(int(self.order[p]), p) for p in range(a, b)]
 
 
+# Signals that stop a run. Clusters and terminals send them to every process of a job or process group
+# (SLURM, `timeout`, Ctrl-C, torchrun's agent); the training process owns the shutdown (finish the step,
+# checkpoint, exit) and ends its workers itself, so a worker that died of one first would abort the run.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def _worker_init(_):
+    # SIGTERM too: torch's own handler exits only for its parent's SIGTERM and dies of anyone else's. A worker
+    # asked to stop by the parent finishes its batch and leaves at the shutdown sentinel.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones were discarded by SIG_IGN
     torch.set_num_threads(1)
 
 
+class _DataLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers ignore the stop signals from their first instruction: they are forked with
+    the signals blocked (a signal landing between fork and worker_init waits, then is ignored), and the
+    parent's own delivery is only deferred while workers start (once per epoch; nothing per batch)."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()  # starts the workers (a persistent loader: the first time only)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _data_loader(dataset, num_workers: int, **kw) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+    return _DataLoader(
         dataset, num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
         pin_memory=torch.cuda.is_available(), **kw,
     )  # fmt: skip

@@ -1,0 +1,357 @@
+"""Stop signals as clusters and terminals deliver them, and one run per output directory.
+
+SLURM, `timeout`, process supervisors and Ctrl-C signal every process of a job or process group, data workers
+included; torchrun's agent forwards its signal to each rank's whole process group. Each test here delivers a
+signal that way to a real run with data workers on and checks the promise: the documented exit status, a
+loadable checkpoint of the step it stopped at, each metrics row once, and a re-run of the same command that
+ends with the weights of the uninterrupted run. docs/reliability.md lists the delivery modes and their tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from _faults import (
+    KILL_ARGS,
+    ROOT,
+    TINY_FMNIST,
+    assert_matches_reference,
+    assert_same_weights,
+    child_env,
+    ckpt,
+    complete,
+    kill,
+    last_logged_step,
+    logged_steps,
+    partial,
+    start,
+    uninterrupted,
+    wait_until,
+    weights,
+)
+from conftest import TWO_CPU_PROCESSES, needs_fmnist
+from PIL import Image
+
+from data_tools.make_shards import main as make_shards
+from mae.checkpoint import load_train_state
+from mae.config import load_config
+from mae.data import build_eval_loader, build_train_loader
+from mae.runtime import STOP, StopExchange
+
+pytestmark = pytest.mark.slow
+
+WORKERS = ["data.num_workers=2"]  # the data workers are in the signalled group; results do not depend on them
+INT_NOTICE = STOP.INT_NOTICE
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory.mktemp("reference") / "run")
+
+
+def signal_group(p: subprocess.Popen, sig: signal.Signals) -> None:
+    """What a cluster or terminal does: the signal to every process of the group (start() makes one per run)."""
+    os.killpg(p.pid, sig)
+
+
+def stop_step(log: str, sig: str) -> int:
+    """The step a run says it checkpointed on `sig`."""
+    found = re.findall(rf"^{sig} received: checkpointed step (\d+), exiting$", log, re.M)
+    assert len(found) == 1, log[-3000:]
+    return int(found[0])
+
+
+def assert_stopped_at_checkpoint(out, log: str, sig: str) -> int:
+    """The run checkpointed the last step it logged, completely, and said so; returns that step."""
+    step = stop_step(log, sig)
+    assert last_logged_step(out) == step
+    assert complete(out)[-1] == step and partial(out) == []
+    _, state, rng = load_train_state(ckpt(out, step), rank=0)
+    assert state["step"] == step and rng is not None
+    assert logged_steps(out) == list(range(1, step + 1))
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ data workers
+
+
+def _image_folder(root) -> None:
+    for i in range(40):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (6 * i, 255 - 6 * i, 128)).save(root / "ab"[i % 2] / f"{i:02d}.png")
+
+
+def _batches(kind: str, tmp_path):
+    """The batches of one epoch of a loader of `kind`, with 2 workers."""
+    cfg = load_config(TINY_FMNIST + WORKERS).data
+    rgb = dict(img_size=16, in_chans=3, batch_size=4, rank=0, world_size=1)
+    if kind in ("image folder", "shards"):
+        _image_folder(tmp_path / "images")
+        source = str(tmp_path / "images")
+        if kind == "shards":
+            args = [source, str(tmp_path / "shards"), "--samples-per-shard", "8", "--no-progress"]
+            assert make_shards([*args, "--workers", "1"]) == 0
+            source = str(tmp_path / "shards")
+        return build_train_loader(cfg, source=source, augment="mae", seed=0, **rgb).iterate(0)
+    grey = dict(img_size=28, in_chans=1, batch_size=16, rank=0, world_size=1)
+    if kind == "built-in, evaluation (k-NN bank)":
+        return iter(build_eval_loader(cfg, source="fashion-mnist", max_samples=128, **grey))
+    return build_train_loader(cfg, source="fashion-mnist", augment="mae", seed=0, **grey).iterate(0)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("kind", ["built-in", "built-in, evaluation (k-NN bank)", "image folder", "shards"])
+def test_data_workers_of_every_loader_ignore_stop_signals(tmp_path, kind):
+    """Every worker of every kind of loader gets SIGTERM, SIGINT and SIGUSR1 (as from a group signal) after
+    the first batch: each keeps working and the epoch is delivered whole (the trainer decides when to stop)."""
+    batches = _batches(kind, tmp_path)
+    seen = [next(batches)]
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for w in workers:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(w.pid, sig)
+    time.sleep(0.3)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    seen += list(batches)  # a dead worker would raise here
+    assert len(seen) == (8 if kind.startswith("built-in") else 32)  # data.epoch_samples=128
+
+
+def rerun_matches_reference(args: list[str], out, step: int, reference) -> None:
+    """The same command again resumes from the stop step and ends as the uninterrupted run."""
+    again = start(args)
+    log, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resumed from {ckpt(out, step)} at step {step}" in log
+    assert_matches_reference(out, reference)
+
+
+# ------------------------------------------------------------------------------------------------ one process
+
+
+@needs_fmnist
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_group_signal_with_workers_checkpoints_exits_0_and_resumes(tmp_path, reference, sig):
+    """`kill -TERM -- -PGID` (timeout, supervisors) reaches the workers too: they ignore it, the trainer stops."""
+    out = tmp_path / "run"
+    args = KILL_ARGS + WORKERS + [f"output_dir={out}"]
+    p = start(args)
+    wait_until("step 3", lambda: last_logged_step(out) >= 3, p)
+    signal_group(p, getattr(signal, sig))
+    log, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    step = assert_stopped_at_checkpoint(out, log, sig)
+    print(f"\n[signals] {sig} to the process group: exit {p.returncode}, checkpoint at step {step}")
+    assert 3 <= step < 24 and "DataLoader worker" not in err
+    rerun_matches_reference(args, out, step, reference)
+
+
+@needs_fmnist
+def test_ctrl_c_stops_after_the_step_with_one_line_then_resumes(tmp_path, reference):
+    """Ctrl-C signals the terminal's foreground group: one line says what happens, the step is checkpointed,
+    the exit status is 130 (interrupted: `pretrain && finetune` does not go on)."""
+    out = tmp_path / "run"
+    args = KILL_ARGS + WORKERS + [f"output_dir={out}"]
+    p = start(args)
+    wait_until("step 3", lambda: last_logged_step(out) >= 3, p)
+    signal_group(p, signal.SIGINT)
+    log, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert log.count(INT_NOTICE) == 1 and "KeyboardInterrupt" not in err
+    step = assert_stopped_at_checkpoint(out, log, "SIGINT")
+    print(f"\n[signals] Ctrl-C (SIGINT to the group): exit {p.returncode}, checkpoint at step {step}")
+    rerun_matches_reference(args, out, step, reference)
+
+
+@needs_fmnist
+def test_second_ctrl_c_aborts_at_once_inside_a_checkpoint_write(tmp_path, reference):
+    """The second Ctrl-C does not wait for the (here 20 s) checkpoint write in flight: exit 130 at once; the
+    half-written checkpoint is never resumed, and the re-run ends with the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    args = KILL_ARGS + WORKERS + [f"output_dir={out}"]
+    p = start(args, MAE_FAULT_CKPT_DELAY="20")
+    wait_until("step 2", lambda: last_logged_step(out) >= 2, p)
+    signal_group(p, signal.SIGINT)
+    wait_until("the checkpoint write of the stop step", lambda: partial(out) != [], p)
+    t0 = time.monotonic()
+    signal_group(p, signal.SIGINT)
+    p.wait(timeout=60)  # the process itself; its orphaned workers exit within 5 s (torch's parent watchdog)
+    took = time.monotonic() - t0
+    log, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-3000:]
+    assert took < 5, f"the second Ctrl-C took {took:.1f} s"
+    assert log.count(INT_NOTICE) == 1 and log.count("aborted (second Ctrl-C)") == 1
+    assert partial(out) != [] and "checkpointed step" not in log
+    print(f"\n[signals] Ctrl-C twice: exit {p.returncode} {took:.2f} s after the second, {partial(out)} left")
+    again = start(args)
+    log, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "removed incomplete checkpoint" in log
+    assert_matches_reference(out, reference)
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(args: list[str], **env: str) -> subprocess.Popen:
+    """`accelerate launch` of 2 gloo processes, in its own process group, as a terminal or `timeout` runs it."""
+    cmd = [sys.executable, *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()), "-m", "mae.pretrain"]
+    return subprocess.Popen(
+        cmd + args,
+        cwd=ROOT,
+        env=child_env(ACCELERATE_USE_CPU="1", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+TWO_PROC = TINY_FMNIST + WORKERS + ["train.batch_size=8", "train.max_steps=48", "checkpoint.every_steps=100"]
+
+
+def test_stop_exchange_cadence_follows_the_step_time():
+    """Ranks compare stop flags about every `every_s` seconds, whatever the step time: rarely for fast steps,
+    every step for slow ones, so the stop latency stays near `every_s` plus one step."""
+    ex = StopExchange(every_s=1.0)
+    assert ex.due(0) and ex.proposal(1, now=100.0) == 1  # the first step: nothing timed yet
+    ex.agreed(1, 100.0, 1)
+    assert not ex.due(1) and ex.due(2)
+    assert ex.proposal(11, now=100.3) == 33  # 30 ms steps: every 33 steps (~1 s)
+    assert ex.proposal(3, now=106.0) == 1  # 3 s steps: every step
+    assert ex.proposal(1001, now=100.001) == StopExchange.MAX_STEPS
+    ex.agreed(11, 100.3, 33)
+    assert [s for s in range(12, 80) if ex.due(s)][0] == 44 and ex.count == 2
+
+
+@needs_fmnist
+def test_two_process_group_sigterm_stops_every_rank_at_one_step_and_resumes(tmp_path):
+    """SIGTERM to the group of `accelerate launch` (2 ranks, 2 workers each): the agent forwards it to each
+    rank's group; both ranks stop at the same step after a few stop-flag exchanges (not one per step), write
+    one complete checkpoint, and the same command ends with the uninterrupted 2-process run's weights."""
+    ref = tmp_path / "reference"
+    r = launch_two(TWO_PROC + [f"output_dir={ref}"])
+    log, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err[-3000:]
+
+    out = tmp_path / "run"
+    p = launch_two(TWO_PROC + [f"output_dir={out}"])
+    wait_until("step 4", lambda: last_logged_step(out) >= 4, p, timeout=300)
+    signal_group(p, signal.SIGTERM)
+    log, err = p.communicate(timeout=120)
+    # The ranks exit 0; the launcher (torch elastic) reports the signal it got as an error and exits 1.
+    assert p.returncode == 1 and "got signal: 15" in err, err[-3000:]
+    step = assert_stopped_at_checkpoint(out, log, "SIGTERM")
+    assert step < 48
+    assert {f.name for f in ckpt(out, step).iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt"}
+    exchanges, steps = map(int, re.search(r"stop flags compared (\d+) times in (\d+) steps", log).groups())
+    assert steps == step and 1 <= exchanges < steps, (exchanges, steps)
+    print(
+        f"\n[signals] 2-process group SIGTERM: launcher exit {p.returncode}, checkpoint at step {step}, "
+        f"stop flags compared {exchanges} times in {steps} steps"
+    )
+
+    again = launch_two(TWO_PROC + [f"output_dir={out}"])
+    log, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resumed from {ckpt(out, step)} at step {step}" in log
+    assert logged_steps(out) == list(range(1, 49))
+    assert_same_weights(weights(ckpt(out, 48)), weights(ckpt(ref, 48)))
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+
+
+BUSY = re.compile(
+    r"^error: output_dir (\S+) is in use by another run \(host (\S+), pid (\d+), since ([^)]+)\)"
+)
+
+
+@needs_fmnist
+def test_second_launch_into_a_busy_output_dir_exits_2_naming_the_holder(tmp_path):
+    """A second copy of a running command (one process, then 2 ranks) waits checkpoint.lock_wait_s, then
+    exits 2 with one line naming host, pid and start time of the holder; the running run is untouched."""
+    out = tmp_path / "run"
+    args = (
+        TINY_FMNIST + WORKERS + [f"output_dir={out}", "train.max_steps=100000", "checkpoint.every_steps=1000"]
+    )
+    holder = start(args)
+    wait_until("step 2", lambda: last_logged_step(out) >= 2, holder)
+
+    t0 = time.monotonic()
+    second = start(args + ["checkpoint.lock_wait_s=2"])
+    log, err = second.communicate(timeout=120)
+    assert second.returncode == 2, err[-3000:]
+    assert time.monotonic() - t0 >= 2
+    line = err.strip().splitlines()
+    assert len(line) == 1 and (m := BUSY.match(line[0])), err
+    assert m.group(2) == socket.gethostname() and int(m.group(3)) == holder.pid
+    assert "waiting up to 2 s" in log
+    print(f"\n[lock] a second launch prints: {line[0]}")
+
+    # All ranks of a 2-process launch exit 2 (rank 0 alone prints the line); none waits forever.
+    two = launch_two(args + ["checkpoint.lock_wait_s=1"])
+    log, err = two.communicate(timeout=300)
+    assert two.returncode != 0 and err.count("is in use by another run") == 1, err[-3000:]
+    assert re.search(r"exitcode\s*:\s*2", err), err[-3000:]
+
+    assert holder.poll() is None, "the running run was disturbed"
+    signal_group(holder, signal.SIGTERM)
+    log, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, err[-3000:]
+    assert_stopped_at_checkpoint(out, log, "SIGTERM")
+
+
+@needs_fmnist
+def test_waiting_run_takes_over_when_the_holder_stops(tmp_path):
+    """A requeued job that starts while the previous one still runs: it waits, and when the previous one
+    has checkpointed and exited it takes the directory over and resumes from that checkpoint."""
+    out, second_log = tmp_path / "run", tmp_path / "second.log"
+    args = (
+        TINY_FMNIST + WORKERS + [f"output_dir={out}", "train.max_steps=100000", "checkpoint.every_steps=1000"]
+    )
+    first = start(args, MAE_FAULT_CKPT_DELAY="2")  # a slow last checkpoint, as on a busy filesystem
+    wait_until("step 2", lambda: last_logged_step(out) >= 2, first)
+    second = start(args + ["checkpoint.lock_wait_s=120"], stdout=second_log)
+    wait_until("the second run to wait", lambda: "waiting up to 120 s" in second_log.read_text(), second)
+    signal_group(first, signal.SIGTERM)
+    log, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-3000:]
+    step = stop_step(log, "SIGTERM")  # the second run may be logging already
+    assert step in complete(out)
+    wait_until("the second run's own steps", lambda: last_logged_step(out) >= step + 2, second)
+    signal_group(second, signal.SIGTERM)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err[-3000:]
+    assert f"resumed from {ckpt(out, step)} at step {step}" in second_log.read_text()
+    assert_stopped_at_checkpoint(out, second_log.read_text(), "SIGTERM")  # each step logged once
+
+
+@needs_fmnist
+def test_relaunch_right_after_sigkill_is_not_locked_out(tmp_path, reference):
+    """The kernel drops a killed run's lock at once, even while its data workers (which never held it) are
+    still alive: the same command, with no wait allowed, resumes and finishes."""
+    out = tmp_path / "run"
+    args = KILL_ARGS + WORKERS + [f"output_dir={out}"]
+    p = start(args)
+    wait_until("the step-6 checkpoint", lambda: 6 in complete(out), p)
+    kill(p)
+    again = start(args + ["checkpoint.lock_wait_s=0"])
+    log, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "in use" not in log + err and "resumed from" in log
+    assert_matches_reference(out, reference)
