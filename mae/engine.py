@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mae import checkpoint as ckpt
-from mae import fsdp
+from mae import fsdp, trackers
 from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
 from mae.optim import build_optimizer, lr_at, set_lr
 from mae.runtime import STOP, fmt_time, peak_mem_gb, request_requeue
@@ -222,31 +222,12 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if self.cfg.log.wandb != "disabled":
+        if self.acc.trackers:
             self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
     def _init_trackers(self) -> None:
-        if self.cfg.log.wandb == "disabled":
-            return
-        id_file = self.out / "wandb_id"
-        if self.acc.is_main_process and not id_file.is_file():
-            import uuid
-
-            id_file.write_text(uuid.uuid4().hex[:12])  # kept with the run: a resumed run continues it
-        self.acc.wait_for_everyone()
-        self.acc.init_trackers(
-            self.cfg.log.wandb_project,
-            config={**_plain(self.cfg), "derived": asdict(self.derived)},
-            init_kwargs={
-                "wandb": {
-                    "id": id_file.read_text().strip(),
-                    "resume": "allow",
-                    "dir": str(self.out),
-                    "mode": self.cfg.log.wandb,
-                    "name": self.out.name,
-                }
-            },
-        )
+        config = {**_plain(self.cfg), "derived": asdict(self.derived)}
+        trackers.start(self.acc, self.cfg, config, self.step)
 
     # ---- main
 

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from mae import trackers  # noqa: E402
 from mae.build import build_mae  # noqa: E402
 from mae.config import ConfigError  # noqa: E402
 from mae.data import build_eval_loader, build_train_loader, train_split  # noqa: E402
@@ -95,10 +96,7 @@ def reconstruction_hook(cfg: DictConfig, acc: Accelerator, data_kw: dict):
         if not acc.is_main_process:
             return
         (out / "reconstruction-last.png").write_bytes(path.read_bytes())
-        if cfg.log.wandb != "disabled":
-            import wandb
-
-            acc.log({"reconstruction": wandb.Image(str(path))}, step=step)
+        trackers.log_image(acc, "reconstruction", path, step)
 
     return hook
 

@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
+from mae import trackers
 from mae.config import ConfigError
 
 
@@ -49,7 +50,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     STOP.install()
     return Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
-        log_with="wandb" if cfg.log.wandb != "disabled" else None,
+        log_with=trackers.log_with(cfg),
         project_dir=cfg.output_dir,
         cpu=not on_cuda,
     )
