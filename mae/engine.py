@@ -468,12 +468,22 @@ def run_entry(
 ) -> int:
     """The body of every entry point's `main`: config -> Accelerator -> task -> the loop. User errors (config,
     data, command line) print one line and return 2; a run that cannot go on returns 1."""
+    from mae import cli
     from mae.config import load_config
     from mae.data import DataError
+    from mae.labelsets import pair_train_val
     from mae.runtime import make_accelerator
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv, task=task_name)
+        args, flags = cli.split_flags(argv)
+        if "help" in flags:
+            print(cli.usage(task_name, sys.modules[build_task.__module__].__doc__))
+            return 0
+        cfg = load_config(args, task=task_name)
+        cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
+        if "print-config" in flags:
+            return cli.print_config(cfg)
         acc = make_accelerator(cfg)
         seed_everything(cfg.seed, acc.process_index)
         rc = train(cfg, acc, build_task(cfg, acc))
