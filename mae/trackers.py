@@ -49,8 +49,9 @@ def start(acc: Accelerator, cfg: DictConfig, config: dict, step: int) -> None:
             "name": out.name,
         }
     for tracker in acc.log_with:
-        if isinstance(tracker, TensorBoardTracker) and step > 0:
-            tracker.init_kwargs["purge_step"] = step + 1  # events after the resumed checkpoint are stale
+        if isinstance(tracker, TensorBoardTracker) and (out / TENSORBOARD_DIR).is_dir():
+            # events of an earlier attempt after the checkpoint this run starts from (step 0: none) are stale
+            tracker.init_kwargs["purge_step"] = step + 1
     # config=None: TensorBoard's hparams plugin would add a run per start and rejects nested values;
     # each tracker gets the config its own way below
     acc.init_trackers(cfg.log.wandb_project, config=None, init_kwargs=kwargs)

@@ -53,6 +53,12 @@ def test_tensorboard_has_loss_lr_speed_and_pictures_and_a_resumed_run_continues_
     assert [e.value for e in ea.Scalars("loss")] == pytest.approx(first_losses, abs=1e-5)
     assert [e.step for e in ea.Images("reconstruction")] == [2, 4]
 
+    # an attempt killed before its first checkpoint: the run starts over, its curves too
+    for ckpt in out.glob("checkpoint-*"):
+        ckpt.unlink() if ckpt.is_symlink() else shutil.rmtree(ckpt)
+    assert main(args) == 0
+    assert [e.step for e in events(out).Scalars("loss")] == [1, 2, 3, 4]
+
 
 def test_tensorboard_is_off_by_default_and_writes_nothing(tmp_path):
     from mae.config import load_config
