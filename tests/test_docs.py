@@ -42,6 +42,7 @@ VIT = (
     "data.num_workers=0 log.viz_images=0"
 )
 BENCH = "--img-size 32 --batch 2 --steps 1 --warmup 1 --rounds 1 --matmul-size 128"
+BENCH_MODEL = f"--model mae_vit_tiny_patch16 {BENCH}"  # ViT-B's init alone takes seconds per configuration
 
 # Paths that stand for the user's own data -> stand-ins the sandbox holds (a labelled folder of RGB images).
 USER_PATHS = {"/data/my_images": "my_images", "/data/images": "my_images"}
@@ -66,19 +67,19 @@ RUN = {
     "mae-export runs/demo out/timm --to timm": "{doc}",
     "mae-export runs/demo out/hf --to hf": "{doc}",
     "mae-export out/hf out/back --to mae": "{doc}",
-    "mae-bench --model mae_vit_base_patch16 --batch 16 --dtype fp32,bf16": f"{{doc}} {BENCH}",
+    "mae-bench --model mae_vit_base_patch16 --batch 16 --dtype fp32,bf16": f"{{doc}} {BENCH_MODEL}",
     "mae-bench --recipe demo --json demo.json": "{doc} --steps 1 --warmup 1 --rounds 1 --matmul-size 128",
     ".venv/bin/ruff check . && .venv/bin/ruff format --check .": "cd {root} && {doc}",
     # docs/data.md
-    "python -m data_tools.bench": "{doc} --images 8 --size 64x48 --workers 1 --repeats 1",
+    "python -m data_tools.bench": "{doc} --images 16 --size 64x48 --workers 1 --repeats 1 --batch-size 4",
     # docs/performance.md
-    "mae-bench --batch 16 --dtype fp32,bf16 --attn math,sdpa": f"{{doc}} {BENCH}",
+    "mae-bench --batch 16 --dtype fp32,bf16 --attn math,sdpa": f"{{doc}} {BENCH_MODEL}",
     # compile off: inductor's C++ build alone takes minutes on 2 CPU cores; the rest of the command runs
     "mae-bench --recipe demo --compile off,on --json demo.json":
         "{doc} --compile off --steps 1 --warmup 1 --rounds 1 --matmul-size 128",
     'mae-bench --config "dtype=bf16 attn=math optimizer=forloop" --config "dtype=bf16 compile=on"':
-        f'mae-bench --config "dtype=bf16 attn=math optimizer=forloop" --config "dtype=bf16 compile=off" {BENCH}',
-    "mae-bench --data shards/ /data/images fashion-mnist --img-size 224": "{doc} --workers 0 --data-batches 2",
+        f'mae-bench --config "dtype=bf16 attn=math optimizer=forloop" --config "dtype=bf16 compile=off" {BENCH_MODEL}',
+    "mae-bench --data shards/ /data/images fashion-mnist --img-size 224": "{doc} --workers 0 --data-batches 2 --batch 4",
     # docs/transfer.md
     "python mae/pretrain.py recipe=demo output_dir=runs/demo": f"{{doc}} {DEMO}",
     "python mae/finetune.py recipe=finetune_demo model.init=runs/demo output_dir=runs/finetune_demo":
