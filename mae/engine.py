@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mae import checkpoint as ckpt
-from mae import fsdp
+from mae import fsdp, trackers
 from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
 from mae.meter import Meter
 from mae.optim import build_optimizer, lr_at, set_lr
@@ -231,31 +231,12 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if self.cfg.log.wandb != "disabled":
+        if self.acc.trackers:
             self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
     def _init_trackers(self) -> None:
-        if self.cfg.log.wandb == "disabled":
-            return
-        id_file = self.out / "wandb_id"
-        if self.acc.is_main_process and not id_file.is_file():
-            import uuid
-
-            id_file.write_text(uuid.uuid4().hex[:12])  # kept with the run: a resumed run continues it
-        self.acc.wait_for_everyone()
-        self.acc.init_trackers(
-            self.cfg.log.wandb_project,
-            config={**_plain(self.cfg), "derived": asdict(self.derived)},
-            init_kwargs={
-                "wandb": {
-                    "id": id_file.read_text().strip(),
-                    "resume": "allow",
-                    "dir": str(self.out),
-                    "mode": self.cfg.log.wandb,
-                    "name": self.out.name,
-                }
-            },
-        )
+        config = {**_plain(self.cfg), "derived": asdict(self.derived)}
+        trackers.start(self.acc, self.cfg, config, self.step)
 
     # ---- main
 
@@ -526,12 +507,22 @@ def run_entry(
 ) -> int:
     """The body of every entry point's `main`: config -> Accelerator -> task -> the loop. User errors (config,
     data, command line) print one line and return 2; a run that cannot go on returns 1."""
+    from mae import cli
     from mae.config import load_config
     from mae.data import DataError
+    from mae.labelsets import pair_train_val
     from mae.runtime import make_accelerator
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv, task=task_name)
+        args, flags = cli.split_flags(argv)
+        if "help" in flags:
+            print(cli.usage(task_name, sys.modules[build_task.__module__].__doc__))
+            return 0
+        cfg = load_config(args, task=task_name)
+        cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
+        if "print-config" in flags:
+            return cli.print_config(cfg)
         acc = make_accelerator(cfg)
         seed_everything(cfg.seed, acc.process_index)
         rc = train(cfg, acc, build_task(cfg, acc))

@@ -9,10 +9,11 @@ reference-release `.pth` ({'model': state_dict}), a directory written by `--to m
 ViTMAE directory. The architecture comes from the run's config.yaml or the source's config.json; for a bare
 file it is read from the tensor shapes, with the head counts of the standard sizes (or --num-heads).
 
-The timm export loads offline with
-    timm.create_model(ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=".../model.safetensors"))
-(plus the `model_args` of config.json when they differ from ARCH's defaults; for in_chans other than 1 and 3
-add `first_conv=None` to the overlay so that timm keeps the patch projection as it is).
+The timm export holds any encoder (every size is in config.json's `model_args`) and loads offline with
+    timm.create_model(config["architecture"], pretrained=True, num_classes=0, **config["model_args"],
+                      pretrained_cfg_overlay=dict(file=".../model.safetensors", first_conv=None))
+(`first_conv=None`: timm keeps the patch projection as it is for any channel count), or with
+`timm.create_model("local-dir:OUT_DIR", pretrained=True)`.
 """
 
 from __future__ import annotations
@@ -133,42 +134,64 @@ def describe_source(source: str | Path, opts: argparse.Namespace | None = None) 
 # writers
 
 
+def timm_architecture(embed_dim: int, depth: int, num_heads: int) -> str:
+    """The timm name whose defaults the model args override: the standard ViT of these sizes, else the
+    standard one of this width, else ViT-B/16. Every size is in `model_args`, so the name only labels."""
+    exact = TIMM_ARCH.get((embed_dim, depth, num_heads))
+    if exact is not None:
+        return exact
+    return next((a for (w, _, _), a in TIMM_ARCH.items() if w == embed_dim), TIMM_ARCH[(768, 12, 12)])
+
+
+def timm_model_args(args: dict, global_pool: str) -> dict:
+    """timm VisionTransformer arguments for MaskedAutoencoder arguments: any width, depth, heads, image and
+    patch size (square or (H, W)) and channel count; LayerNorm eps 1e-6 and qkv bias are timm's defaults."""
+
+    def size(v):
+        return list(v) if isinstance(v, (tuple, list)) else int(v)
+
+    return dict(
+        img_size=size(args["img_size"]),
+        patch_size=size(args["patch_size"]),
+        in_chans=int(args["in_chans"]),
+        embed_dim=int(args["embed_dim"]),
+        depth=int(args["depth"]),
+        num_heads=int(args["num_heads"]),
+        mlp_ratio=float(args.get("mlp_ratio", 4.0)),
+        global_pool=global_pool,
+    )
+
+
 def export_timm(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
     """Encoder -> OUT_DIR/model.safetensors + config.json for timm (classifier head too, when present)."""
     import timm
     from safetensors.torch import save_file
 
-    key = (args["embed_dim"], args["depth"], args["num_heads"])
-    if key not in TIMM_ARCH:
-        raise ExportError(
-            f"no timm architecture for embed_dim/depth/num_heads {key}; known: {sorted(TIMM_ARCH)}"
-        )
-    arch = TIMM_ARCH[key]
     encoder = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
     num_classes = encoder["head.weight"].shape[0] if "head.weight" in encoder else 0
     global_pool = "avg" if "fc_norm.weight" in encoder else "token"
-    model_args = dict(
-        img_size=args["img_size"],
-        patch_size=args["patch_size"],
-        in_chans=args["in_chans"],
-        global_pool=global_pool,
-    )
+    model_args = timm_model_args(args, global_pool)
+    arch = timm_architecture(model_args["embed_dim"], model_args["depth"], model_args["num_heads"])
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
-    model.load_state_dict(encoder, strict=True)  # proves the file loads into timm before it is written
+    try:  # proves the file loads into timm before it is written
+        model.load_state_dict(encoder, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ExportError(f"the encoder does not load into timm's VisionTransformer: {first}") from e
     C, mean, std = args["in_chans"], extras.get("mean"), extras.get("std")
     if mean is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if C == 3 else ([0.5] * C, [0.5] * C)
-    img = model_args["img_size"]
+    H, W = model.patch_embed.img_size
     config = dict(
         architecture=arch,
         num_classes=num_classes,
-        num_features=args["embed_dim"],
+        num_features=model_args["embed_dim"],
         global_pool=global_pool,
         model_args=model_args,
         pretrained_cfg=dict(
             tag="mae",
             custom_load=False,
-            input_size=[C, img, img],
+            input_size=[C, H, W],
             fixed_input_size=True,
             interpolation="bicubic",
             crop_pct=0.9,

@@ -17,6 +17,11 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not its siblings
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from mae.cli import exit_if_help  # noqa: E402
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    exit_if_help("linprobe", __doc__, sys.argv[1:])
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402

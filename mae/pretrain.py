@@ -1,4 +1,5 @@
-"""MAE pretraining.
+"""MAE pretraining (He et al. 2022): a ViT encoder learns, without labels, by reconstructing the 75% of
+each image's patches that it does not see; checkpoints, metrics and reconstruction figures go to output_dir.
 
     accelerate launch mae/pretrain.py recipe=vit_base data.train='shards/train-{000000..001023}.tar'
     python mae/pretrain.py recipe=demo                       # Fashion-MNIST, minutes on a laptop CPU
@@ -14,11 +15,17 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not its siblings
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from mae.cli import exit_if_help  # noqa: E402
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    exit_if_help("pretrain", __doc__, sys.argv[1:])
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from mae import trackers  # noqa: E402
 from mae.build import build_mae  # noqa: E402
 from mae.config import ConfigError  # noqa: E402
 from mae.data import build_eval_loader, build_train_loader, train_split  # noqa: E402
@@ -103,10 +110,7 @@ def reconstruction_hook(cfg: DictConfig, acc: Accelerator, data_kw: dict):
         if not acc.is_main_process:
             return
         (out / "reconstruction-last.png").write_bytes(path.read_bytes())
-        if cfg.log.wandb != "disabled":
-            import wandb
-
-            acc.log({"reconstruction": wandb.Image(str(path))}, step=step)
+        trackers.log_image(acc, "reconstruction", path, step)
 
     return hook
 

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
+from mae import trackers
 from mae.config import ConfigError
 
 
@@ -50,7 +51,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     STOP.install()
     acc = Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
-        log_with="wandb" if cfg.log.wandb != "disabled" else None,
+        log_with=trackers.log_with(cfg),
         project_dir=cfg.output_dir,
         cpu=not on_cuda,
     )

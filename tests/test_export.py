@@ -125,3 +125,59 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("mae-export: error:") for line in err)
     assert "missing.pth" in err[0] and "--to" in err[1] and "--num-heads" in err[3] and "decoder" in err[4]
+
+
+def _load_as_the_contract_says(out_dir):
+    """The exact call DESIGN.md promises for a `--to timm` directory."""
+    config = json.loads((out_dir / "config.json").read_text())
+    return timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        num_classes=0,
+        **config["model_args"],
+        pretrained_cfg_overlay=dict(file=str(out_dir / "model.safetensors"), first_conv=None),
+    ).eval()
+
+
+def test_timm_export_of_the_demo_encoder(tmp_path):
+    """The demo recipe's encoder (192-d, 6 blocks, 3 heads, 28 px, patch 4, 1 channel) from its run dir."""
+    torch.manual_seed(0)
+    model = create_mae(
+        "mae_vit_tiny_patch16",
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        depth=6,
+        decoder_embed_dim=128,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ).eval()
+    run = _run_dir(tmp_path, model, ["recipe=demo"])
+    assert main([str(run), str(tmp_path / "timm"), "--to", "timm"]) == 0
+    vit = _load_as_the_contract_says(tmp_path / "timm")
+    assert (len(vit.blocks), vit.embed_dim, vit.blocks[0].attn.num_heads) == (6, 192, 3)
+    imgs = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vit.forward_features(imgs), model.forward_features(imgs), rtol=0, atol=1e-5
+        )
+
+
+def test_timm_export_of_an_odd_non_square_encoder(tmp_path):
+    """Width 96 with 2 heads, 3 blocks, MLP ratio 2, 4 channels, 24x40 images in 8x8 patches: no standard
+    timm size, a non-square grid, heads that the weights alone do not tell."""
+    from mae.export import export_mae
+
+    torch.manual_seed(0)
+    kw = dict(img_size=(24, 40), patch_size=8, in_chans=4, embed_dim=96, depth=3, num_heads=2, mlp_ratio=2.0)
+    kw.update(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    model = create_mae("mae_vit_tiny_patch16", **kw).eval()
+    export_mae(model.state_dict(), {**kw, "img_size": [24, 40]}, {}, tmp_path / "mae")
+    assert main([str(tmp_path / "mae"), str(tmp_path / "timm"), "--to", "timm"]) == 0
+    vit = _load_as_the_contract_says(tmp_path / "timm")
+    assert tuple(vit.patch_embed.img_size) == (24, 40) and vit.blocks[0].attn.num_heads == 2
+    imgs = torch.randn(2, 4, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vit.forward_features(imgs), model.forward_features(imgs), rtol=0, atol=1e-5
+        )
