@@ -80,6 +80,8 @@ RUN = {
     'mae-bench --config "dtype=bf16 attn=math optimizer=forloop" --config "dtype=bf16 compile=on"':
         f'mae-bench --config "dtype=bf16 attn=math optimizer=forloop" --config "dtype=bf16 compile=off" {BENCH_MODEL}',
     "mae-bench --data shards/ /data/images fashion-mnist --img-size 224": "{doc} --workers 0 --data-batches 2 --batch 4",
+    "mae-bench --data /data/images --decode cpu,device --reference --batch 32 --data-batches 4 --rounds 3":
+        "{doc} --workers 1 --batch 4 --data-batches 1 --rounds 1",
     # docs/transfer.md
     "python mae/pretrain.py recipe=demo output_dir=runs/demo": f"{{doc}} {DEMO}",
     "python mae/finetune.py recipe=finetune_demo model.init=runs/demo output_dir=runs/finetune_demo":
@@ -112,6 +114,8 @@ NOT_RUN = {
         "8 GPUs; tests/test_fsdp.py runs FSDP over 2 CPU processes",
     # docs/reliability.md
     ".venv/bin/python -m pytest tests/test_reliability.py": SUITE,
+    ".venv/bin/python -m pytest tests/test_signals.py": SUITE,
+    ".venv/bin/python -m pytest tests/test_slurm.py": SUITE,
     # slurm/README.md
     "sbatch slurm/pretrain.sbatch recipe=vit_large train.epochs=1600": CLUSTER,
     "sbatch slurm/finetune.sbatch recipe=finetune_vit_base model.init=runs/mae-pretrain": CLUSTER,
