@@ -169,3 +169,21 @@ def test_data_mode_rates_folder_and_synthetic(tmp_path):
 def test_data_mode_missing_source(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_compile_modes_parse_into_configs_and_labels():
+    from mae.bench import parse_args, step_configs
+
+    args = parse_args(["--compile", "off,on,max-autotune-no-cudagraphs,reduce-overhead", "--device", "cpu"])
+    configs = step_configs(args, dict(batch="2", img_size="32", mask_ratio="0.75"), torch.device("cpu"))
+    assert [(c.compile, c.compile_mode, c.compile_label()) for c in configs] == [
+        (False, "default", "off"),
+        (True, "default", "on"),
+        (True, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+        (True, "reduce-overhead", "reduce-overhead"),
+    ]
+    (explicit,) = step_configs(
+        parse_args(["--config", "compile=max-autotune"]), dict(batch="2", img_size="32", mask_ratio="0.75"),
+        torch.device("cpu"),
+    )  # fmt: skip
+    assert explicit.compile and explicit.compile_mode == "max-autotune"
