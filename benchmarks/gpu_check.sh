@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            # there: results in OUT_DIR (default $OUT, else bench_gpu)
 #   SECTIONS=step,batch bash benchmarks/gpu_check.sh  # some sections only
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/dry   # the same script, tiny models, CPU, seconds
+#                                                     # (GPU_CHECK_DRY_COMPILE=1: with torch.compile, minutes)
 #
 # Sections (SECTIONS, comma list; default env,attn,step,batch,ref,loop), each under `timeout`:
 #   env    device, torch, driver; the wheels in wheels/ installed into a temporary --target folder
@@ -57,7 +58,10 @@ if [ "$DRY" = 1 ]; then
     BUDGET=${GPU_CHECK_DRY_RUN_BUDGET:-1800} SCALE=6  # a shared CPU: section limits x6 (the logic is the same)
     DEV=(--device cpu --matmul-size 256) DTYPE=fp32 PEAK=0
     TINY=(--img-size 32 --steps 1 --warmup 1)
-    B_MODEL=(--model mae_vit_tiny_patch16 "${TINY[@]}") B_BATCH=4 B_COMPILE=off,on
+    # torch.compile on a shared 2-core CPU takes minutes even for these: GPU_CHECK_DRY_COMPILE=1 includes it
+    B_COMPILE=off
+    [ "${GPU_CHECK_DRY_COMPILE:-0}" = 1 ] && B_COMPILE=off,on
+    B_MODEL=(--model mae_vit_tiny_patch16 "${TINY[@]}") B_BATCH=4
     L_MODEL=(--model mae_vit_small_patch16 "${TINY[@]}") L_BATCH=2 L_COMPILE=off
     BATCHES=2,4 TUNE_COMPILE=off
     REF=(--size tiny --img-size 32 --batch 2 --steps 1 --warmup 1 --rounds 1 --dtype fp32)

@@ -124,9 +124,9 @@ def test_bench_runs_on_sdpa_and_says_why(broken_xformers, tmp_path, capsys):
 
 TRANSFER_ARGS = [
     "model.img_size=28", "model.patch_size=7", "model.in_chans=1", "model.embed_dim=32", "model.depth=1",
-    "model.num_heads=2", "data.train=synthetic", "data.synthetic_samples=32", "data.num_workers=0",
-    "data.mean=[0.5]", "data.std=[0.25]", "train.batch_size=8", "train.max_steps=1", "train.precision=fp32",
-    "log.progress=false", "log.wandb=disabled",
+    "model.num_heads=2", "data.train=synthetic", "data.val=", "data.synthetic_samples=32", "data.epoch_samples=0",
+    "data.num_workers=0", "data.mean=[0.5]", "data.std=[0.25]", "train.batch_size=8", "train.max_steps=1",
+    "train.precision=fp32", "log.progress=false", "log.wandb=disabled",
 ]  # fmt: skip
 
 

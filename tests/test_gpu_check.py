@@ -49,7 +49,7 @@ def test_dry_run_measures_every_default_section(tmp_path):
     reports = summary["reports"]
     assert set(reports) == {"step_vit_b", "step_vit_l", "batch_vit_l", "reference"}
     step_b = reports["step_vit_b"]["results"]
-    assert [r["config"]["compile"] for r in step_b] == [False, True]
+    assert [r["config"]["compile"] for r in step_b] == [False]  # GPU_CHECK_DRY_COMPILE=1 adds compiled rows
     assert all(not r["error"] and r["img_per_s"] > 0 and 0 < r["mfu_measured"] for r in step_b)
     assert [r["side"] for r in reports["reference"]["results"]][0].startswith("reference release")
     md = (out / "summary.md").read_text()
@@ -57,3 +57,49 @@ def test_dry_run_measures_every_default_section(tmp_path):
                  "| reference release (timm blocks) |", "| this project |"):  # fmt: skip
         assert part in md, part
     assert "attn xformers: runs as sdpa" in r.stdout  # no xformers here: the proof says so and moves on
+
+
+def _report(model, rows, peak=1000.0):
+    results = []
+    for batch, compile_, mode, rate, error in rows:
+        config = {"batch": batch, "compile": compile_, "compile_mode": mode}
+        results.append({"config": config, "error": error, "img_per_s": rate, "tflops": rate / 10,
+                        "mfu_measured": rate / 10 / peak, "mfu_nominal": None, "peak_mem_gb": 1.0, "warmup_s": 2.0})  # fmt: skip
+    return {"model": model, "device": "GPU", "torch": "2.11", "matmul_size": 8192, "rounds": 2,
+            "matmul_peak_tflops": {"bf16": peak}, "results": results}  # fmt: skip
+
+
+def test_summary_names_eager_compiled_best_and_the_largest_batch(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_summary import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(), out.mkdir()
+    steps = [(128, False, "default", 1800.0, ""), (128, True, "default", 2400.0, ""),
+             (128, True, "reduce-overhead", 0.0, "RuntimeError: graph capture failed")]  # fmt: skip
+    (work / "step_vit_l.json").write_text(json.dumps(_report("mae_vit_large_patch16", steps)))
+    batches = [(256, False, "default", 1900.0, ""), (512, False, "default", 1950.0, ""),
+               (1024, False, "default", 0.0, "out of memory")]  # fmt: skip
+    (work / "batch_vit_l.json").write_text(json.dumps(_report("mae_vit_large_patch16", batches)))
+    ref = _report(
+        "mae_vit_large_patch16", [(128, False, "default", 1700.0, ""), (128, False, "default", 1800.0, "")]
+    )
+    for row, side in zip(ref["results"], ("reference release (timm blocks)", "this project")):
+        row["side"] = side
+    (work / "reference.json").write_text(json.dumps(ref))
+    (work / "sections.txt").write_text("step 0 120\nbatch 124 75\n")
+    assert main([str(work), str(out)]) == 0
+    md = (out / "summary.md").read_text()
+    for part in ("| mae_vit_large_patch16 | 128 | eager | 1,800 | 180.0 | 18.0% |",
+                 "| mae_vit_large_patch16 | 128 | compiled | 2,400 |",
+                 "| compiled, reduce-overhead | RuntimeError: graph capture failed |",
+                 "| **best: mae_vit_large_patch16** | 128 | compiled | **2,400** |",
+                 "| this project | 1,800 | 18.0% | 1.0 | 1.06x |",
+                 "Largest batch that fits (mae_vit_large_patch16, eager): **512**",
+                 "| batch | 124 | 75 |"):  # fmt: skip
+        assert part in md, (part, md)
+    assert set(json.loads((out / "summary.json").read_text())["reports"]) == {
+        "step_vit_l",
+        "batch_vit_l",
+        "reference",
+    }
