@@ -13,7 +13,8 @@
 # Sections (SECTIONS, comma list; default env,attn,step,batch,ref,loop), each under `timeout`:
 #   env    device, torch, driver; the wheels in wheels/ installed into a temporary --target folder
 #   attn   auto / sdpa / math / xformers proven on the device in bf16, as every run does before training
-#   step   ViT-B/16 b256 and ViT-L/16 b128 (mae-bench): eager, torch.compile default, reduce-overhead (CUDA graphs)
+#   step   ViT-L/16 b128 (mae-bench): eager, torch.compile default, reduce-overhead (CUDA graphs); ViT-B/16
+#          b256: eager, compiled. Each configuration's numbers are on disk as soon as it is measured
 #   batch  ViT-L/16 eager at growing batches: the largest that fits
 #   ref    the reference release's model next to ours, one identical step (benchmarks/reference_step.py)
 #   tune   not by default (minutes of autotuning): ViT-L/16 with max-autotune-no-cudagraphs and max-autotune
@@ -72,7 +73,7 @@ else
     case "$GPU" in *H100* | *H200* | *GH200*) PEAK=989 ;; *A100*) PEAK=312 ;; *) PEAK=0 ;; esac
     PEAK=${PEAK_TFLOPS:-$PEAK}
     STEPS=(--steps 10 --warmup 3)
-    B_MODEL=(--model mae_vit_base_patch16 "${STEPS[@]}") B_BATCH=256 B_COMPILE=off,on,reduce-overhead
+    B_MODEL=(--model mae_vit_base_patch16 "${STEPS[@]}") B_BATCH=256 B_COMPILE=off,on
     L_MODEL=(--model mae_vit_large_patch16 "${STEPS[@]}") L_BATCH=128 L_COMPILE=off,on,reduce-overhead
     BATCHES=256,384,512,768,1024 TUNE_COMPILE=max-autotune-no-cudagraphs,max-autotune
     REF=(--size large --batch 128 --steps 10 --warmup 3 --rounds 2 --dtype bf16)
@@ -82,14 +83,14 @@ NOMINAL=()
 BENCH=("$PY" -m mae.bench "${DEV[@]}" --dtype "$DTYPE" --attn sdpa "${NOMINAL[@]}")
 
 section() { # NAME LIMIT_S COMMAND...: run COMMAND if NAME is in SECTIONS, within min(LIMIT_S, budget left)
-    local name=$1 limit=$2
+    local name=$1 limit=$2 label=${LABEL:-$1}
     shift 2
     case ",$SECTIONS," in *",$name,"*) ;; *) return 0 ;; esac
     local left=$((BUDGET - SECONDS)) t0=$SECONDS rc
     limit=$((limit * SCALE))
     if [ "$left" -lt 20 ]; then
         echo "== $name: skipped (${SECONDS} s of the ${BUDGET} s budget spent)"
-        echo "$name skipped 0" >> "$WORK/sections.txt"
+        echo "$label skipped 0" >> "$WORK/sections.txt"
         return 0
     fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -97,7 +98,7 @@ section() { # NAME LIMIT_S COMMAND...: run COMMAND if NAME is in SECTIONS, withi
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
     [ "$rc" = 124 ] && echo "== $name: stopped at its ${limit} s limit"
-    echo "$name $rc $((SECONDS - t0))" >> "$WORK/sections.txt"
+    echo "$label $rc $((SECONDS - t0))" >> "$WORK/sections.txt"
 }
 
 section env 30 "$PY" -c "
@@ -119,9 +120,11 @@ for backend in ('auto', 'sdpa', 'math', 'xformers'):
     used = sorted({m.backend for m in model.modules() if hasattr(m, 'backend')})
     print(f'attn {backend}: runs as {\",\".join(used)}' + ''.join(f'\n  {n}' for n in notes))
 "
-section step 150 "${BENCH[@]}" "${B_MODEL[@]}" --batch "$B_BATCH" --compile "$B_COMPILE" --json "$WORK/step_vit_b.json"
-section step 180 "${BENCH[@]}" "${L_MODEL[@]}" --batch "$L_BATCH" --compile "$L_COMPILE" --json "$WORK/step_vit_l.json"
-section batch 75 "${BENCH[@]}" "${L_MODEL[@]}" --batch "$BATCHES" --steps 3 --warmup 1 --json "$WORK/batch_vit_l.json"
+LABEL=step:vit_l section step 210 "${BENCH[@]}" "${L_MODEL[@]}" --batch "$L_BATCH" --compile "$L_COMPILE" \
+    --json "$WORK/step_vit_l.json"
+LABEL=step:vit_b section step 120 "${BENCH[@]}" "${B_MODEL[@]}" --batch "$B_BATCH" --compile "$B_COMPILE" \
+    --json "$WORK/step_vit_b.json"
+section batch 60 "${BENCH[@]}" "${L_MODEL[@]}" --batch "$BATCHES" --steps 3 --warmup 1 --json "$WORK/batch_vit_l.json"
 section ref 60 "$PY" benchmarks/reference_step.py "${REF[@]}" "${DEV[@]}" --json "$WORK/reference.json"
 section tune 300 "${BENCH[@]}" "${L_MODEL[@]}" --batch "$L_BATCH" --compile "$TUNE_COMPILE" --json "$WORK/tune_vit_l.json"
 if [ -f benchmarks/gpu_loop.sh ]; then

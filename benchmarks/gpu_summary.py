@@ -26,6 +26,10 @@ def _compile(c: dict) -> str:
     return "compiled" if c.get("compile_mode", "default") == "default" else f"compiled, {c['compile_mode']}"
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+
 def _mfu(r: dict) -> str:
     nominal = f" / {100 * r['mfu_nominal']:.1f}%" if r.get("mfu_nominal") else ""
     return f"{100 * r['mfu_measured']:.1f}%{nominal}"
@@ -44,7 +48,7 @@ def step_table(reports: dict) -> list[str]:
             if r["error"]:
                 lines.append(f"{head} {r['error']} | | | | |")
                 continue
-            lines.append(f"{head} {r['img_per_s']:,.0f} | {r['tflops']:.1f} | {_mfu(r)} | {r['peak_mem_gb']:.1f} | "
+            lines.append(f"{head} {_rate(r['img_per_s'])} | {r['tflops']:.1f} | {_mfu(r)} | {r['peak_mem_gb']:.1f} | "
                          f"{r['warmup_s']:.0f} |")  # fmt: skip
     best = {}
     for key in ("step_vit_b", "step_vit_l", "tune_vit_l"):
@@ -54,7 +58,7 @@ def step_table(reports: dict) -> list[str]:
                 best[model] = r
     for model, r in best.items():
         lines.append(f"| **best: {model}** | {r['config']['batch']} | {_compile(r['config'])} | "
-                     f"**{r['img_per_s']:,.0f}** | {r['tflops']:.1f} | **{_mfu(r)}** | {r['peak_mem_gb']:.1f} | |")  # fmt: skip
+                     f"**{_rate(r['img_per_s'])}** | {r['tflops']:.1f} | **{_mfu(r)}** | {r['peak_mem_gb']:.1f} | |")  # fmt: skip
     return lines
 
 
@@ -66,7 +70,7 @@ def reference_table(rep: dict) -> list[str]:
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for side, r in rows.items():
         ratio = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref else ""
-        lines.append(f"| {side} | {r['img_per_s']:,.0f} | {100 * r['mfu_measured']:.1f}% | "
+        lines.append(f"| {side} | {_rate(r['img_per_s'])} | {100 * r['mfu_measured']:.1f}% | "
                      f"{r['peak_mem_gb']:.1f} | {ratio} |")  # fmt: skip
     return lines
 
@@ -77,7 +81,7 @@ def batch_table(rep: dict) -> list[str]:
         if r["error"]:
             lines.append(f"| {r['config']['batch']} | {r['error']} | | |")
         else:
-            lines.append(f"| {r['config']['batch']} | {r['img_per_s']:,.0f} | {100 * r['mfu_measured']:.1f}% | "
+            lines.append(f"| {r['config']['batch']} | {_rate(r['img_per_s'])} | {100 * r['mfu_measured']:.1f}% | "
                          f"{r['peak_mem_gb']:.1f} |")  # fmt: skip
     fits = [r["config"]["batch"] for r in _ok(rep)]
     tried = [r["config"]["batch"] for r in rep["results"]]

@@ -254,7 +254,7 @@ def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, w
         set_attn_backend(model, cfg.attn)
         for note in ensure_attn_backends(model, device, DTYPES[cfg.dtype]):
             _say_once(note)
-        res.attn_used = getattr(model.blocks[0].attn, "backend", "sdpa")  # a foreign model: its own attention
+        res.attn_used = getattr(model.blocks[0].attn, "backend", "own")  # a foreign model: its own attention
         if hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(cfg.grad_ckpt)
         res.gflop_per_img = mae_flops(model, cfg.mask_ratio)["train_step"] / 1e9
@@ -538,9 +538,14 @@ def run_bench(args) -> dict:
                 best[cfg] = res
             else:
                 prev.rounds = res.rounds
+            if args.json:  # what is measured so far survives a time limit that stops the run
+                _write_json(args.json, _report(args, device, name, gemm, peaks, [best[c] for c in best]))
     for dt in peaks:  # again at the end: a peak timed while the machine was busy would inflate MFU
         peaks[dt] = max(peaks[dt], matmul_peak(DTYPES[dt], device, gemm))
-    results = [best[c] for c in configs]
+    return _report(args, device, name, gemm, peaks, [best[c] for c in configs])
+
+
+def _report(args, device, name: str, gemm: int, peaks: dict, results: list[StepResult]) -> dict:
     for res in results:
         res.tflops = res.img_per_s * res.gflop_per_img / 1e3
         res.mfu_measured = res.tflops * 1e12 / peaks[res.config.dtype] if peaks[res.config.dtype] else 0.0
@@ -641,9 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        _write_json(args.json, report)
     return 0
+
+
+def _write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def cli() -> None:

@@ -30,7 +30,7 @@ def test_spent_budget_skips_every_section_and_still_summarises(tmp_path):
     for name in ("env", "step", "batch"):
         assert f"== {name}: skipped" in r.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {s["section"] for s in summary["sections"]} == {"env", "step", "batch"}
+    assert {s["section"] for s in summary["sections"]} == {"env", "step:vit_l", "step:vit_b", "batch"}
     assert all(s["exit"] == "skipped" for s in summary["sections"]) and summary["reports"] == {}
 
 
@@ -43,9 +43,8 @@ def test_dry_run_measures_every_default_section(tmp_path):
     assert {"summary.md", "summary.json", "gpu_check.log"} <= files and len(files) <= 8
     summary = json.loads((out / "summary.json").read_text())
     ran = {s["section"]: s["exit"] for s in summary["sections"]}
-    assert {k: ran.get(k) for k in ("env", "attn", "step", "batch", "ref")} == dict.fromkeys(
-        ("env", "attn", "step", "batch", "ref"), "0"
-    )
+    expected = ("env", "attn", "step:vit_l", "step:vit_b", "batch", "ref")
+    assert {k: ran.get(k) for k in expected} == dict.fromkeys(expected, "0")
     reports = summary["reports"]
     assert set(reports) == {"step_vit_b", "step_vit_l", "batch_vit_l", "reference"}
     step_b = reports["step_vit_b"]["results"]
