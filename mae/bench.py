@@ -2,6 +2,7 @@
 
     mae-bench --model mae_vit_base_patch16 --batch 16 --dtype fp32,bf16 --attn math,sdpa
     mae-bench --recipe demo --dtype bf16 --compile off,on --json demo.json
+    mae-bench --model mae_vit_large_patch16 --batch 128,256 --compile off,on,max-autotune-no-cudagraphs
     mae-bench --data shards/ /data/images fashion-mnist
     mae-bench --data /data/images --decode cpu,device --reference     # per worker, vs the reference loader
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import itertools
 import json
@@ -35,6 +37,10 @@ import torch.nn as nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("fused", "foreach", "forloop")
+# torch.compile modes; the two with CUDA graphs replay the whole compiled forward and backward as one graph
+# (MAE's shapes are static: a fixed number of visible tokens), the others only generate fused kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class BenchError(ValueError):
@@ -164,14 +170,21 @@ class StepConfig:
     dtype: str = "bf16"  # fp32 | bf16 | fp16 (autocast; weights and optimizer stay fp32)
     attn: str = "sdpa"  # sdpa | math | xformers
     compile: bool = False
+    compile_mode: str = "default"  # with compile: one of COMPILE_MODES
     optimizer: str = "fused"  # AdamW implementation: fused | foreach | forloop
     grad_ckpt: bool = False
     img_size: int = 224
     mask_ratio: float = 0.75
 
+    def compile_label(self) -> str:
+        """'off', 'on' (the default mode) or the mode's name."""
+        if not self.compile:
+            return "off"
+        return "on" if self.compile_mode == "default" else self.compile_mode
+
     def label(self) -> str:
         return (
-            f"{self.dtype} {self.attn} {'compile' if self.compile else 'eager'} {self.optimizer}"
+            f"{self.dtype} {self.attn} compile {self.compile_label()} {self.optimizer}"
             f"{' ckpt' if self.grad_ckpt else ''} b{self.batch} {self.img_size}px m{self.mask_ratio:g}"
         )
 
@@ -188,6 +201,7 @@ class StepResult:
     peak_mem_gb: float = 0.0
     mem_per_img_mb: float = 0.0  # (peak of the timed steps - usage before the model was built) / batch
     gflop_per_img: float = 0.0
+    warmup_s: float = 0.0  # the untimed warm-up steps of the first round (torch.compile compiles there)
     loss: float = 0.0
     error: str = ""
     rounds: list[float] = field(default_factory=list)
@@ -202,14 +216,20 @@ def build_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **flags)
 
 
-def make_step(model: nn.Module, optimizer, device: torch.device, dtype: str, mask_ratio: float):
-    """The loop's step as a closure over (images) -> loss tensor; never synchronises with the host."""
+def make_step(
+    model: nn.Module, optimizer, device: torch.device, dtype: str, mask_ratio: float, cudagraphs: bool = False
+):
+    """The loop's step as a closure over (images) -> loss tensor; never synchronises with the host.
+    With `cudagraphs` (a compiled model replayed as CUDA graphs) each call starts a new graph step and the
+    loss is copied out of the graph's memory, which the next replay overwrites."""
     autocast = (
         torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
     )
     scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
 
     def step(images: torch.Tensor) -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss, _, _ = model(images, mask_ratio=mask_ratio)
         if scaler is not None:
@@ -220,31 +240,38 @@ def make_step(model: nn.Module, optimizer, device: torch.device, dtype: str, mas
             loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone() if cudagraphs else loss.detach()
 
     return step
 
 
 def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, warmup: int) -> StepResult:
     """Build a fresh model + optimizer for `cfg`, run `warmup` untimed steps, then time `steps` steps."""
-    from mae.models import set_attn_backend
+    from mae.models import ensure_attn_backends, set_attn_backend
 
     res = StepResult(cfg)
     with PeakMemory(device) as mem:
         model = build_model(cfg).to(device).train()
-        res.attn_used = set_attn_backend(model, cfg.attn)
-        if res.attn_used == "xformers" and device.type != "cuda":
-            res.attn_used = "sdpa"  # xformers has no CPU kernels; the layer falls back
-        model.set_grad_checkpointing(cfg.grad_ckpt)
+        set_attn_backend(model, cfg.attn)
+        for note in ensure_attn_backends(model, device, DTYPES[cfg.dtype]):
+            _say_once(note)
+        res.attn_used = getattr(model.blocks[0].attn, "backend", "own")  # a foreign model: its own attention
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(cfg.grad_ckpt)
         res.gflop_per_img = mae_flops(model, cfg.mask_ratio)["train_step"] / 1e9
         optimizer = build_optimizer(model, cfg.optimizer)
-        runner = torch.compile(model) if cfg.compile else model
-        step = make_step(runner, optimizer, device, cfg.dtype, cfg.mask_ratio)
+        if cfg.compile:
+            torch._dynamo.reset()  # a fresh model per configuration: start below the recompile limit
+        runner = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+        cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
+        step = make_step(runner, optimizer, device, cfg.dtype, cfg.mask_ratio, cudagraphs)
         c, h = model.patch_embed.proj.in_channels, cfg.img_size
         images = torch.randn(cfg.batch, c, h, h, device=device)
+        t0 = time.perf_counter()
         for _ in range(warmup):
             step(images)
         _sync(device)
+        res.warmup_s = time.perf_counter() - t0
         mem.reset()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -283,6 +310,23 @@ def _split(value: str, kind=str) -> list:
         raise BenchError(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _compile_choice(value: str) -> tuple[bool, str]:
+    """--compile value -> (compile, mode): off | on (= default) | a torch.compile mode."""
+    if value.lower() in COMPILE_MODES:
+        return True, value.lower()
+    try:
+        return _on_off(value), "default"
+    except BenchError:
+        raise BenchError(
+            f"expected on or off (or a torch.compile mode: {', '.join(COMPILE_MODES)}), got {value!r}"
+        ) from None
+
+
 def _on_off(value: str) -> bool:
     v = value.lower()
     if v not in ("on", "off", "true", "false", "1", "0"):
@@ -300,7 +344,8 @@ def parse_args(argv):
     p.add_argument("--mask-ratio", default="", help="comma list (default 0.75, or the recipe's)")
     p.add_argument("--dtype", default="auto", help="comma list of fp32, bf16, fp16, auto")
     p.add_argument("--attn", default="sdpa", help="comma list of sdpa, math, xformers")
-    p.add_argument("--compile", default="off", help="comma list of on/off (torch.compile of the model)")
+    p.add_argument("--compile", default="off",
+                   help=f"comma list of on/off or torch.compile modes ({', '.join(COMPILE_MODES)})")  # fmt: skip
     p.add_argument("--optimizer", default="fused", help=f"comma list of {', '.join(OPTIMIZERS)}")
     p.add_argument("--grad-ckpt", default="off", help="comma list of on/off (activation checkpointing)")
     p.add_argument("--config", action="append", default=[], metavar="'KEY=V KEY=V'",
@@ -400,15 +445,20 @@ def step_configs(args, defaults: dict, device: torch.device) -> list[StepConfig]
         "mask_ratio": _split(args.mask_ratio or defaults["mask_ratio"], float),
         "dtype": resolve_dtypes(args.dtype, device),
         "attn": _split(args.attn),
-        "compile": [_on_off(v) for v in _split(args.compile)],
+        "compile": [_compile_choice(v) for v in _split(args.compile)],
         "optimizer": _split(args.optimizer),
         "grad_ckpt": [_on_off(v) for v in _split(args.grad_ckpt)],
     }
     if not args.config:
-        return [StepConfig(**dict(zip(axes, values))) for values in itertools.product(*axes.values())]
+        return [_step_config(dict(zip(axes, values))) for values in itertools.product(*axes.values())]
     return [
-        StepConfig(**{**{k: v[0] for k, v in axes.items()}, **_parse_config(c, device)}) for c in args.config
+        _step_config({**{k: v[0] for k, v in axes.items()}, **_parse_config(c, device)}) for c in args.config
     ]
+
+
+def _step_config(fields: dict) -> StepConfig:
+    compile_, mode = fields.pop("compile")
+    return StepConfig(**fields, compile=compile_, compile_mode=mode)
 
 
 CONFIG_KEYS = ("batch", "img_size", "mask_ratio", "dtype", "attn", "compile", "optimizer", "grad_ckpt")
@@ -427,7 +477,9 @@ def _parse_config(text: str, device: torch.device) -> dict:
             (out[key],) = _split(value, int)
         elif key == "mask_ratio":
             (out[key],) = _split(value, float)
-        elif key in ("compile", "grad_ckpt"):
+        elif key == "compile":
+            out[key] = _compile_choice(value)
+        elif key == "grad_ckpt":
             out[key] = _on_off(value)
         elif key == "dtype":
             (out[key],) = resolve_dtypes(value, device)
@@ -458,17 +510,28 @@ def run_bench(args) -> dict:
                 res = run_config(build, cfg, device, args.steps, args.warmup)
             except torch.OutOfMemoryError:
                 res = StepResult(cfg, error="out of memory")
-                gc.collect()
-                torch.cuda.empty_cache()
+                _release(device)
+            except Exception as e:  # noqa: BLE001  one failing configuration (a compile mode) keeps the others
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                res = StepResult(cfg, error=f"{type(e).__name__}: {first_line[:120]}")
+                print(f"  failed: {res.error}", file=sys.stderr, flush=True)
+                _release(device)
             prev = best.get(cfg)
             res.rounds = [*(prev.rounds if prev else []), round(res.img_per_s, 3)]
+            if prev is not None:  # the first round's warm-up: later rounds reuse torch.compile's caches
+                res.warmup_s = prev.warmup_s
             if prev is None or res.img_per_s > prev.img_per_s:
                 best[cfg] = res
             else:
                 prev.rounds = res.rounds
+            if args.json:  # what is measured so far survives a time limit that stops the run
+                _write_json(args.json, _report(args, device, name, gemm, peaks, [best[c] for c in best]))
     for dt in peaks:  # again at the end: a peak timed while the machine was busy would inflate MFU
         peaks[dt] = max(peaks[dt], matmul_peak(DTYPES[dt], device, gemm))
-    results = [best[c] for c in configs]
+    return _report(args, device, name, gemm, peaks, [best[c] for c in configs])
+
+
+def _report(args, device, name: str, gemm: int, peaks: dict, results: list[StepResult]) -> dict:
     for res in results:
         res.tflops = res.img_per_s * res.gflop_per_img / 1e3
         res.mfu_measured = res.tflops * 1e12 / peaks[res.config.dtype] if peaks[res.config.dtype] else 0.0
@@ -490,6 +553,12 @@ def run_bench(args) -> dict:
     }
 
 
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -508,11 +577,11 @@ def format_table(report: dict) -> str:
     ]
     nominal = report["nominal_peak_tflops"] is not None
     head = ["dtype", "attn", "compile", "adamw", "ckpt", "batch", "px", "mask", "GFLOP/img", "img/s", "ms/step",
-            "TFLOP/s", "MFU", *(["MFU nom"] if nominal else []), "peak GB", "MB/img"]  # fmt: skip
+            "TFLOP/s", "MFU", *(["MFU nom"] if nominal else []), "peak GB", "MB/img", "warm-up s"]  # fmt: skip
     rows = []
     for r in report["results"]:
         c = r["config"]
-        row = [c["dtype"], r["attn_used"] or c["attn"], "on" if c["compile"] else "off", c["optimizer"],
+        row = [c["dtype"], r["attn_used"] or c["attn"], StepConfig(**c).compile_label(), c["optimizer"],
                "on" if c["grad_ckpt"] else "off", str(c["batch"]), str(c["img_size"]), f"{c['mask_ratio']:g}"]  # fmt: skip
         if r["error"]:
             rows.append(row + [r["error"]])
@@ -521,7 +590,7 @@ def format_table(report: dict) -> str:
                 f"{100 * r['mfu_measured']:.1f}%"]  # fmt: skip
         if nominal:
             row.append(f"{100 * r['mfu_nominal']:.1f}%")
-        row += [f"{r['peak_mem_gb']:.2f}", f"{r['mem_per_img_mb']:.1f}"]
+        row += [f"{r['peak_mem_gb']:.2f}", f"{r['mem_per_img_mb']:.1f}", f"{r['warmup_s']:.1f}"]
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows if i < len(r))) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -562,9 +631,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        _write_json(args.json, report)
     return 0
+
+
+def _write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def cli() -> None:

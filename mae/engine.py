@@ -29,7 +29,7 @@ from torch import nn
 
 from mae import checkpoint as ckpt
 from mae import fsdp, trackers
-from mae.config import ConfigError, Derived, check_compatible, derive, to_yaml
+from mae.config import ConfigError, Derived, check_compatible, derive, resolve_compile, to_yaml
 from mae.meter import Meter
 from mae.optim import build_optimizer, lr_at, set_lr
 from mae.runlock import claim_output_dir
@@ -238,6 +238,35 @@ class Trainer:
         config = {**_plain(self.cfg), "derived": asdict(self.derived)}
         trackers.start(self.acc, self.cfg, config, self.step)
 
+    # ---- the model the loop runs
+
+    def _prove_attention(self) -> None:
+        """Run each attention backend of the model once on this device and dtype before training relies on
+        it; a broken optional kernel (an xformers built for another torch) is replaced, with one line."""
+        from mae.models import ensure_attn_backends
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision, torch.float32)
+        for note in ensure_attn_backends(self.raw_model, self.acc.device, dtype):
+            self.log(note)
+
+    def _compile(self, model: nn.Module) -> nn.Module:
+        mode, why = resolve_compile(self.cfg.train.compile, self.acc.device.type)
+        if mode is None:
+            return model
+        self.log(f"torch.compile: mode {mode} ({why}); it compiles during the first step")
+        return torch.compile(model, mode=mode)
+
+    def _log_first_step_once(self) -> None:
+        """Log how long the first optimizer step took (compilation happens there; img/s leaves it out)."""
+        t0 = time.time()
+
+        def hook(optimizer, args, kwargs) -> None:
+            handle.remove()
+            _synchronize(self.acc.device)
+            self.log(f"torch.compile: first step took {time.time() - t0:.1f} s (compilation, data start-up)")
+
+        handle = _inner(self.optimizer).register_step_post_hook(hook)
+
     # ---- main
 
     def run(self) -> int:
@@ -272,7 +301,8 @@ class Trainer:
             self.log(f"already complete at step {self.step}; outputs in {self.out}")
             return 0
 
-        model = torch.compile(self.raw_model) if cfg.train.compile else self.raw_model
+        self._prove_attention()
+        model = self._compile(self.raw_model)
         if self.sharded:  # already distributed: Accelerate wraps the optimizer only, autocast is the loop's
             self.model, self.optimizer = model, acc.prepare(self.optimizer)
         else:
@@ -280,6 +310,8 @@ class Trainer:
         self._init_trackers()
         self.stop.install()  # no-op when make_accelerator did it
         try:
+            if model is not self.raw_model:
+                self._log_first_step_once()
             return self._loop()
         finally:
             self.stop.restore()

@@ -169,3 +169,55 @@ def test_data_mode_rates_folder_and_synthetic(tmp_path):
 def test_data_mode_missing_source(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_compile_modes_parse_into_configs_and_labels():
+    from mae.bench import parse_args, step_configs
+
+    args = parse_args(["--compile", "off,on,max-autotune-no-cudagraphs,reduce-overhead", "--device", "cpu"])
+    configs = step_configs(args, dict(batch="2", img_size="32", mask_ratio="0.75"), torch.device("cpu"))
+    assert [(c.compile, c.compile_mode, c.compile_label()) for c in configs] == [
+        (False, "default", "off"),
+        (True, "default", "on"),
+        (True, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+        (True, "reduce-overhead", "reduce-overhead"),
+    ]
+    (explicit,) = step_configs(
+        parse_args(["--config", "compile=max-autotune"]), dict(batch="2", img_size="32", mask_ratio="0.75"),
+        torch.device("cpu"),
+    )  # fmt: skip
+    assert explicit.compile and explicit.compile_mode == "max-autotune"
+
+
+def test_json_holds_each_configuration_as_soon_as_it_is_measured(tmp_path, monkeypatch):
+    # a time limit that stops the run after the first configuration keeps that configuration's numbers
+    import mae.bench as bench
+
+    real, calls = bench.run_config, []
+
+    def stop_at_second(build, cfg, device, steps, warmup):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a stop signal does to a run: not one failing configuration
+        return real(build, cfg, device, steps, warmup)
+
+    monkeypatch.setattr(bench, "run_config", stop_at_second)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(
+            [
+                *TINY,
+                "--batch",
+                "2",
+                "--dtype",
+                "fp32",
+                "--attn",
+                "math,sdpa",
+                "--warmup",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["config"]["attn"] == "math" and row["img_per_s"] > 0 and row["mfu_measured"] > 0

@@ -91,3 +91,20 @@ def test_reference_recipes_match_the_paper():
 
 def test_exponent_without_a_dot_is_a_number():
     assert load_config(["train.blr=4e-3"]).train.blr == pytest.approx(4e-3)
+
+
+def test_compile_choices_and_what_auto_means(monkeypatch):
+    from mae import config
+
+    with pytest.raises(ConfigError, match="train.compile='fast' is not one of auto, true, false"):
+        load_config(["train.compile=fast"])
+    assert load_config([]).train.compile == "auto"
+    assert load_config(["train.compile=true"]).train.compile == "true"  # YAML's boolean, kept as the word
+    assert config.resolve_compile("auto", "cpu")[0] is None
+    assert config.resolve_compile("true", "cpu")[0] == "default"
+    assert config.resolve_compile("false", "cuda")[0] is None
+    assert config.resolve_compile("max-autotune-no-cudagraphs", "cuda")[0] == "max-autotune-no-cudagraphs"
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: object())
+    assert config.resolve_compile("auto", "cuda") == ("default", "train.compile=auto on cuda")
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    assert config.resolve_compile("auto", "cuda") == (None, "train.compile=auto: Triton is not installed")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -160,3 +161,33 @@ def test_data_wait_is_the_fraction_of_the_window_spent_waiting_for_batches(tmp_p
         rates[delay] = rows
     assert all(r["data_wait"] > 0.6 for r in rates[0.3]), rates[0.3]  # a step takes tens of ms, a batch 300
     assert min(r["data_wait"] for r in rates[0.0]) < min(r["data_wait"] for r in rates[0.3])
+
+
+def _run_recording_model(tmp_path, capsys, compile_value):
+    cfg = stub_config(
+        tmp_path, f"train.compile={compile_value}", "train.max_steps=2", "checkpoint.every_steps=100"
+    )
+    model = nn.Sequential(nn.Linear(3, 2))
+    seen = []
+
+    def loss_fn(m, x, y, step, micro):
+        seen.append(m)
+        return nn.functional.cross_entropy(m(x), y)
+
+    task = Task(model=model, groups=param_groups(model, 0.0), loader=StubLoader(), loss_fn=loss_fn)
+    assert train(cfg, make_accelerator(cfg), task) == 0
+    return seen, capsys.readouterr().out
+
+
+def test_compile_auto_stays_eager_on_the_cpu(tmp_path, capsys):
+    seen, out = _run_recording_model(tmp_path, capsys, "auto")
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in seen)
+    assert "torch.compile" not in out
+
+
+@pytest.mark.slow
+def test_compile_true_compiles_and_logs_the_first_step_once(tmp_path, capsys):
+    seen, out = _run_recording_model(tmp_path, capsys, "true")
+    assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in seen)
+    assert out.count("torch.compile: mode default (train.compile=true)") == 1
+    assert out.count("torch.compile: first step took") == 1, out

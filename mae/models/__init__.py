@@ -7,6 +7,7 @@ import inspect
 
 import torch.nn as nn
 
+from .backends import ensure_attn_backends
 from .mae import MaskedAutoencoder
 from .vit import (
     ATTN_BACKENDS,
@@ -27,6 +28,7 @@ __all__ = [
     "count_params",
     "create_mae",
     "create_vit",
+    "ensure_attn_backends",
     "layer_id",
     "list_models",
     "model_config",

@@ -53,21 +53,44 @@ def _warn_once(message: str) -> None:
 def resolve_attn_backend(requested: str | None = "auto") -> str:
     """The backend a model built now will use: 'sdpa', 'math' or 'xformers'.
 
-    The environment variable MAE_ATTN_BACKEND, when set, overrides `requested`. 'auto' picks xformers when
-    it imports and CUDA is available, sdpa otherwise; an explicit 'xformers' that cannot import falls back
-    to sdpa with one warning.
+    The environment variable MAE_ATTN_BACKEND, when set, overrides `requested`. 'auto' is sdpa: PyTorch's
+    SDPA dispatches to the flash and memory-efficient kernels itself, and an xformers wheel works only with
+    the one torch it was built for. An explicit 'xformers' that cannot import falls back to sdpa with one
+    warning; one that imports but cannot run is caught by `mae.models.backends.ensure_attn_backends`.
     """
     name = (os.environ.get(ATTN_BACKEND_ENV) or requested or "auto").strip().lower()
     if name not in ATTN_BACKENDS:
         source = ATTN_BACKEND_ENV if os.environ.get(ATTN_BACKEND_ENV) else "attn_backend"
         raise ValueError(f"{source} must be one of {', '.join(ATTN_BACKENDS)}, got {name!r}")
-    has_xformers = _xformers_ops() is not None
     if name == "auto":
-        return "xformers" if has_xformers and torch.cuda.is_available() else "sdpa"
-    if name == "xformers" and not has_xformers:
+        return "sdpa"
+    if name == "xformers" and _xformers_ops() is None:
         _warn_once("attn_backend 'xformers' requested but xformers does not import here; using 'sdpa'")
         return "sdpa"
     return name
+
+
+def attend(qkv: torch.Tensor, num_heads: int, scale: float, backend: str, p: float = 0.0) -> torch.Tensor:
+    """Attention of packed projections: qkv (B, N, 3 * C) -> (B, N, C), on `backend` (sdpa | math | xformers)."""
+    if (
+        backend == "sdpa"
+        and not qkv.is_cuda
+        and qkv.dtype in (torch.bfloat16, torch.float16)
+        and qkv.shape[1] <= CPU_HALF_EXPLICIT_MAX_TOKENS
+    ):
+        backend = "math"
+    if backend == "xformers":
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=num_heads)
+        x = _xformers_ops().memory_efficient_attention(q, k, v, p=p, scale=scale)
+        return rearrange(x, "b n h d -> b n (h d)")
+    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=num_heads)
+    if backend == "sdpa":
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    else:  # math: the explicit softmax(q k^T / sqrt(d)) v of the reference
+        attn = (q @ k.transpose(-2, -1)) * scale  # (B, h, N, N)
+        attn = F.dropout(attn.softmax(dim=-1), p)
+        x = attn @ v
+    return rearrange(x, "b h n d -> b n (h d)")
 
 
 class Attention(nn.Module):
@@ -100,27 +123,7 @@ class Attention(nn.Module):
             _warn_once("attn_backend 'xformers' needs CUDA tensors; using 'sdpa' for inputs on the CPU")
             backend = "sdpa"
         p = self.attn_drop if self.training else 0.0
-        qkv = self.qkv(x)
-        if (
-            backend == "sdpa"
-            and not qkv.is_cuda
-            and qkv.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[1] <= CPU_HALF_EXPLICIT_MAX_TOKENS
-        ):
-            backend = "math"
-        if backend == "xformers":
-            q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
-            x = _xformers_ops().memory_efficient_attention(q, k, v, p=p, scale=self.scale)
-            x = rearrange(x, "b n h d -> b n (h d)")
-        else:
-            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-            if backend == "sdpa":
-                x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-            else:  # math: the explicit softmax(q k^T / sqrt(d)) v of the reference
-                attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N)
-                attn = F.dropout(attn.softmax(dim=-1), p)
-                x = attn @ v
-            x = rearrange(x, "b h n d -> b n (h d)")
+        x = attend(self.qkv(x), self.num_heads, self.scale, backend, p)
         return self.proj_drop(self.proj(x))
 
 
