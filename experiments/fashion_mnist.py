@@ -23,6 +23,7 @@ import yaml
 
 if not __package__:  # run as a script: `experiments` is importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.feature_probes import probes  # noqa: E402
 from experiments.pixel_baselines import baselines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +93,13 @@ def run_overrides(
     spec: dict, init: str, fraction: float, seed: int, pre: Path, blr: float | None = None
 ) -> dict:
     """One fine-tune / probe run. Equal budget: every run is one "epoch" of `samples_seen` images drawn from
-    its labelled subset (seeded permutations of the subset, repeated as often as needed), so a 1% run and a
-    100% run process the same number of images and take the same number of optimizer steps."""
+    its labelled subset (seeded permutations of the subset, repeated as often as needed), so at a label
+    fraction the MAE and the from-scratch runs, whatever their lr, process the same number of images and take
+    the same number of optimizer steps."""
     return {
         "seed": seed,
         "data.label_fraction": fraction,
-        "data.epoch_samples": int(spec["samples_seen"]),
+        "data.epoch_samples": samples_seen(spec, fraction),
         "train.epochs": 1,
         "train.eval_every": 1,  # the one evaluation, at the end
         "model.init": str(pre) if init == "mae" else "",
@@ -105,6 +107,18 @@ def run_overrides(
         **(spec.get(f"{init}_overrides") or {}),
         **({"train.blr": blr} if blr is not None else {}),
     }
+
+
+def samples_seen(spec: dict, fraction: float) -> int:
+    """Images per run at `fraction`: `samples_seen` is one number for every fraction, or a mapping
+    {fraction: images} (a 1% subset is learnt in fewer images than the whole training set)."""
+    per = spec["samples_seen"]
+    if not isinstance(per, dict):
+        return int(per)
+    for key, value in per.items():
+        if float(key) == float(fraction):
+            return int(value)
+    sys.exit(f"samples_seen has no entry for label fraction {fraction:g}: give one per label fraction")
 
 
 def plot_curves(pre: Path, fig_dir: Path, pixel_knn: float) -> list[str]:
@@ -192,15 +206,34 @@ def main(argv: list[str] | None = None) -> int:
         pixels_path.write_text(json.dumps(base, indent=1))
         timed("pixel_baselines", time.time() - t)
     pixels = json.loads(pixels_path.read_text())
+    probes_path = root / "feature_probes.json"
+    if not probes_path.is_file():  # a few minutes, once: which block of the encoder separates the classes
+        t = time.time()
+        probes_path.write_text(json.dumps(probes(pre, b["label_fractions"]), indent=1))
+        timed("feature_probes", time.time() - t)
+    feats = json.loads(probes_path.read_text())
 
     figures = plot_curves(pre, fig_dir, pixels["knn_monitor"])
     recon = pre / "reconstruction-last.png"
     if recon.is_file():
         shutil.copy(recon, fig_dir / "reconstruction.png")
         figures.append("reconstruction.png")
-    write_report(report, b, budget_path, results, pixels, figures, timings, pre)
+    write_report(report, b, budget_path, results, pixels, feats, figures, timings, pre)
     print(f"wrote {report}")
     return 0
+
+
+def _budget_words(b: dict) -> str:
+    """'fine-tuning 30,000 / 60,000 / 240,000 images at 1% / 10% / 100% labels, linear probing 30,000'."""
+    parts = []
+    for kind in ("finetune", "linprobe"):
+        n = [samples_seen(b[kind], f) for f in b["label_fractions"]]
+        if len(set(n)) == 1:
+            parts.append(f"{NAMES[kind]} {n[0]:,}")
+        else:
+            fractions = " / ".join(f"{f * 100:g}%" for f in b["label_fractions"])
+            parts.append(f"{NAMES[kind]} {' / '.join(f'{x:,}' for x in n)} images at {fractions} labels")
+    return ", ".join(parts)
 
 
 def best_blr(by_blr: dict) -> float | None:
@@ -214,6 +247,7 @@ def write_report(
     budget_path: Path,
     results: dict,
     pixels: dict,
+    feats: dict,
     figures: list[str],
     timings: dict,
     pre: Path,
@@ -227,8 +261,13 @@ def write_report(
         "",
         "Top-1 (%) on the 10,000 Fashion-MNIST test images. *MAE*: the encoder pretrained with MAE on the 60,000",
         "training images without labels; *scratch*: the same architecture from random initialisation. Every",
-        "fine-tune / probe processes the same number of images, whatever its label fraction. "
-        f"Seeds {b['seeds']}: mean ± standard deviation over seeds (the labelled subset is the same for every seed).",
+        "fine-tune / probe at a label fraction processes the same number of images, MAE or scratch, whatever "
+        f"its lr ({_budget_words(b)}). "
+        + (
+            f"Seeds {b['seeds']}: mean ± standard deviation over seeds (the labelled subset is the same for every seed)."
+            if len(b["seeds"]) > 1
+            else f"One seed ({b['seeds'][0]}) per run."
+        ),
     ]
     if swept:
         lines += [
@@ -254,6 +293,8 @@ def write_report(
             cells += [fmt(m), fmt(s) + tag, f"{statistics.mean(m) - statistics.mean(s):+.2f}"]
         lines.append(f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | " + " | ".join(cells) + " |")
     lines += pixel_rows(b["label_fractions"], pixels)
+    lines += against_pixels(b["label_fractions"], results, pixels, pre)
+    lines += probe_rows(b["label_fractions"], pixels, feats)
     for kind in swept:
         sweep = b[kind]["scratch_blr"]
         lines += [
@@ -294,8 +335,13 @@ def write_report(
         f"{len(timings) - 1} fine-tune / probe runs and the pixel baselines "
         f"{(total - timings.get('pretrain', 0)) / 60:.1f} min).",
         f"- Budget file: `{budget_path.relative_to(ROOT) if budget_path.is_relative_to(ROOT) else budget_path}`; "
-        f"fine-tuning {b['finetune']['samples_seen']} images per run (recipe `{b['finetune']['recipe']}`), linear "
-        f"probing {b['linprobe']['samples_seen']} (recipe `{b['linprobe']['recipe']}`).",
+        f"recipes `{b['finetune']['recipe']}` and `{b['linprobe']['recipe']}`"
+        + "".join(
+            f"; {NAMES[k]} with " + " ".join(f"`{key}={v}`" for key, v in b[k]["overrides"].items())
+            for k in ("finetune", "linprobe")
+            if b[k].get("overrides")
+        )
+        + ".",
         "- Command: `.venv/bin/python experiments/fashion_mnist.py` (every run is an ordinary run directory "
         f"under `{b['output_dir']}/`, with its `config.yaml`, `metrics.jsonl` and log).",
         "",
@@ -317,6 +363,73 @@ def pixel_rows(fractions: list[float], pixels: dict) -> list[str]:
     for f in fractions:
         lin, knn, l2 = pixels["linear"][str(f)], pixels["knn"][str(f)], pixels["linear_l2"][str(f)]
         lines.append(f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | {lin:.2f} (L2 {l2:g}) | {knn:.2f} |")
+    return lines
+
+
+def against_pixels(fractions: list[float], results: dict, pixels: dict, pre: Path) -> list[str]:
+    """One generated sentence: every MAE number of the table minus its raw-pixel counterpart."""
+
+    def mean(kind: str, f: float) -> float:
+        by = results[(kind, "mae", f)]
+        return statistics.mean(by[best_blr(by)])
+
+    labels = " / ".join(f"{f * 100:g}%" for f in fractions)
+    ft = " / ".join(
+        f"{mean('finetune', f) - max(pixels['linear'][str(f)], pixels['knn'][str(f)]):+.2f}"
+        for f in fractions
+    )
+    lp = " / ".join(f"{mean('linprobe', f) - pixels['linear'][str(f)]:+.2f}" for f in fractions)
+    knn = [r["knn_top1"] for r in rows(pre) if "knn_top1" in r]
+    end = (
+        f"; the encoder's k-NN in the monitor's setup ends at {knn[-1]:.1f}% against the pixels' "
+        f"{pixels['knn_monitor']:.1f}% ({knn[-1] - pixels['knn_monitor']:+.1f})"
+        if knn
+        else ""
+    )
+    return [
+        "",
+        f"Against the pixels, at {labels} labels: the MAE fine-tune minus the better of the two pixel classifiers "
+        f"is {ft} points; the MAE linear probe minus the linear classifier on pixels is {lp} points{end}.",
+    ]
+
+
+def probe_rows(fractions: list[float], pixels: dict, feats: dict) -> list[str]:
+    """Block by block: the frozen MAE encoder's features under the pixel baselines' own classifiers."""
+    head = (
+        " | ".join(f"linear {f * 100:g}%" for f in fractions)
+        + " | "
+        + " | ".join(f"20-NN {f * 100:g}%" for f in fractions)
+    )
+    lines = [
+        "",
+        "The frozen MAE encoder's features under exactly these two classifiers (the same subsets, L2 sweep and "
+        "test images; features standardised with the labelled subset's statistics), block by block: the cls "
+        "token and the mean of the patch tokens after each block, and the last block's cls token after the "
+        "final norm, which is what the linear-probe runs above train on. The best feature of each column is "
+        "in bold.",
+        "",
+        f"| features | {head} |",
+        "| --- | " + " | ".join("---" for _ in range(2 * len(fractions))) + " |",
+        "| raw pixels | "
+        + " | ".join(f"{pixels['linear'][str(f)]:.2f}" for f in fractions)
+        + " | "
+        + " | ".join(f"{pixels['knn'][str(f)]:.2f}" for f in fractions)
+        + " |",
+    ]
+    names = list(feats["linear"])
+    best = {
+        (kind, f): max(names, key=lambda n: feats[kind][n][str(f)])
+        for kind in ("linear", "knn")
+        for f in fractions
+    }
+    for name in names:
+        cells = []
+        for kind in ("linear", "knn"):
+            for f in fractions:
+                v = f"{feats[kind][name][str(f)]:.2f}"
+                cells.append(f"**{v}**" if best[(kind, f)] == name else v)
+        label = name.replace("final/cls", "last block, cls after the final norm").replace("/", ", ")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -1,12 +1,13 @@
 """The Fashion-MNIST study (experiments/fashion_mnist.py): its budget file is valid for the recipes it names,
-and every fine-tune / probe run gets the same budget whatever its label fraction or initialisation."""
+and at each label fraction every fine-tune / probe run gets the same budget whatever its initialisation
+or lr."""
 
 from pathlib import Path
 
 import yaml
 from conftest import needs_fmnist
 
-from experiments.fashion_mnist import run_overrides
+from experiments.fashion_mnist import run_overrides, samples_seen
 from mae.config import derive, load_config
 from mae.data import build_train_loader
 
@@ -24,7 +25,7 @@ def test_pretraining_overrides_are_valid(tmp_path):
 
 
 @needs_fmnist
-def test_every_run_processes_the_same_number_of_images(tmp_path):
+def test_at_each_label_fraction_every_run_processes_the_same_number_of_images(tmp_path):
     pre = tmp_path / "pretrain"
     for kind in ("finetune", "linprobe"):
         spec = BUDGET[kind]
@@ -45,8 +46,11 @@ def test_every_run_processes_the_same_number_of_images(tmp_path):
                 batch = d.effective_batch
                 if kind == "finetune" and init == "scratch":
                     assert cfg.train.layer_decay == 1.0  # no layer-wise decay without pretrained layers
-        assert len(set(budgets.values())) == 1, budgets
-        assert abs(next(iter(budgets.values())) - spec["samples_seen"]) < batch
+        for fraction in BUDGET["label_fractions"]:
+            at = {k: v for k, v in budgets.items() if k[0] == fraction}
+            assert len(at) == 1 + len(spec.get("scratch_blr") or [None])
+            assert len(set(at.values())) == 1, at  # MAE and every scratch lr: the same images
+            assert abs(next(iter(at.values())) - samples_seen(spec, fraction)) < batch
 
 
 def test_a_finished_run_is_skipped_and_one_with_other_settings_refused(tmp_path):
@@ -85,3 +89,113 @@ def test_raw_pixel_baselines_are_real_classifiers():
     sub = (train[0][idx], train[1][idx])
     assert 70.0 < linear_pixels(sub, test, l2=1e-2, steps=100) < 90.0
     assert 65.0 < knn_pixels(sub, test) < 90.0
+
+
+@needs_fmnist
+def test_feature_probes_read_what_the_linear_probe_trains_on(tmp_path):
+    """The block-by-block probes of a pretraining run: the hand-rolled block walk gives the model's own
+    tokens (the last block's normalised cls token is exactly the linear probe's input, the mean patch token
+    what the k-NN monitor pools), and both classifiers score every block far above chance."""
+    import torch
+
+    from experiments.feature_probes import block_features, encoder, probes
+    from experiments.pixel_baselines import pixels
+    from mae import pretrain
+
+    run = tmp_path / "pretrain"
+    args = [
+        "recipe=demo",
+        f"output_dir={run}",
+        "train.max_steps=2",
+        "train.batch_size=32",
+        "log.knn_every_steps=0",
+    ]
+    assert pretrain.main([*args, "data.num_workers=0", "log.viz_images=0"]) == 0
+    vit = encoder(run)
+    x = pixels("test")[0][:16]
+    feats = block_features(vit, x, batch=5)
+    assert set(feats) == {f"block{b}/{p}" for b in range(1, 7) for p in ("cls", "mean")} | {"final/cls"}
+    with torch.no_grad():
+        tokens = vit.forward_features(x.view(-1, 1, 28, 28))
+    assert torch.allclose(feats["final/cls"], tokens[:, 0], atol=1e-5)
+    assert torch.allclose(vit.norm(feats["block6/cls"]), tokens[:, 0], atol=1e-5)
+    assert not torch.allclose(feats["block1/mean"], feats["block6/mean"], atol=1e-2)
+
+    r = probes(run, [0.01], test_samples=2000)
+    assert set(r["linear"]) == set(feats) == set(r["knn"])
+    for kind in ("linear", "knn"):
+        for name, by_fraction in r[kind].items():
+            assert 30.0 < by_fraction["0.01"] <= 100.0, (kind, name, by_fraction)
+
+
+def test_samples_seen_is_one_number_or_one_per_label_fraction():
+    import pytest
+
+    assert samples_seen({"samples_seen": 30000}, 0.1) == 30000
+    per = {"samples_seen": {0.01: 30000, "0.1": 60000, 1.0: 240000}}
+    assert [samples_seen(per, f) for f in (0.01, 0.1, 1.0)] == [30000, 60000, 240000]
+    with pytest.raises(SystemExit, match="no entry for label fraction 0.5"):
+        samples_seen(per, 0.5)
+
+
+def test_report_puts_every_number_next_to_its_baselines(tmp_path):
+    """The generated report: the best scratch lr per row, MAE minus scratch, the pixel rows, MAE minus the
+    pixels, and the block-by-block probe table with the best feature of each column in bold."""
+    import json
+
+    from experiments.fashion_mnist import write_report
+
+    budget = {
+        **BUDGET,
+        "seeds": [0],
+        "label_fractions": [0.01, 1.0],
+        "pretrain": {"recipe": "demo", "overrides": {"train.epochs": 2}},
+    }
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "config.yaml").write_text(
+        yaml.safe_dump({"log": {"knn_k": 20, "knn_train_samples": 5000, "knn_val_samples": 1000}})
+    )
+    (pre / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [{"step": 1, "loss": 1.5, "knn_top1": 70.0}, {"step": 2, "loss": 0.5, "knn_top1": 84.0}]
+        )
+    )
+    sweep = budget["finetune"]["scratch_blr"]
+    results = {
+        ("finetune", "mae", 0.01): {None: [80.0]},
+        ("finetune", "scratch", 0.01): {sweep[0]: [60.0], sweep[1]: [70.0], sweep[2]: [65.0]},
+        ("finetune", "mae", 1.0): {None: [91.0]},
+        ("finetune", "scratch", 1.0): {sweep[0]: [88.0], sweep[1]: [87.0], sweep[2]: [86.0]},
+        ("linprobe", "mae", 0.01): {None: [75.0]},
+        ("linprobe", "scratch", 0.01): {None: [40.0]},
+        ("linprobe", "mae", 1.0): {None: [82.0]},
+        ("linprobe", "scratch", 1.0): {None: [41.0]},
+    }
+    pixels = {
+        "linear": {"0.01": 78.0, "1.0": 84.5},
+        "linear_l2": {"0.01": 0.01, "1.0": 0.001},
+        "knn": {"0.01": 73.5, "1.0": 85.5},
+        "knn_monitor": 81.0,
+    }
+    feats = {
+        "linear": {"block5/mean": {"0.01": 79.0, "1.0": 86.0}, "final/cls": {"0.01": 77.0, "1.0": 86.5}},
+        "linear_l2": {"block5/mean": {"0.01": 0.01, "1.0": 0.01}, "final/cls": {"0.01": 0.01, "1.0": 0.01}},
+        "knn": {"block5/mean": {"0.01": 70.0, "1.0": 84.0}, "final/cls": {"0.01": 72.0, "1.0": 83.0}},
+    }
+    report = tmp_path / "results.md"
+    write_report(
+        report, budget, tmp_path / "budget.yaml", results, pixels, feats, [], {"pretrain": 60.0}, pre
+    )
+    text = report.read_text()
+    assert f"| 1% (600) | 80.00 | 70.00 (blr {sweep[1]:g}) | +10.00 | 75.00 | 40.00 | +35.00 |" in text
+    assert f"| 100% (60000) | 91.00 | 88.00 (blr {sweep[0]:g}) | +3.00 | 82.00 | 41.00 | +41.00 |" in text
+    assert "| 100% (60000) | 84.50 (L2 0.001) | 85.50 |" in text
+    assert "is +2.00 / +5.50 points" in text  # fine-tune minus the better pixel classifier
+    assert "is -3.00 / -2.50 points" in text  # linear probe minus logistic regression on pixels
+    assert "ends at 84.0% against the pixels' 81.0% (+3.0)" in text
+    assert "| raw pixels | 78.00 | 84.50 | 73.50 | 85.50 |" in text
+    assert "| block5, mean | **79.00** | 86.00 | 70.00 | **84.00** |" in text
+    assert "| last block, cls after the final norm | 77.00 | **86.50** | **72.00** | 83.00 |" in text
+    assert "One seed (0) per run." in text
