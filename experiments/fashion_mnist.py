@@ -332,7 +332,8 @@ def write_report(
         "",
         f"- Hardware: {_cpu_name()}, {_cpu_count()} CPU cores, no GPU; bf16 autocast.",
         f"- Compute time: {total / 60:.1f} min in all (pretraining {timings.get('pretrain', 0) / 60:.1f} min, "
-        f"{len(timings) - 1} fine-tune / probe runs and the pixel baselines "
+        f"{sum(k.startswith(('finetune-', 'linprobe-')) for k in timings)} fine-tune / probe runs, the pixel "
+        "baselines and the feature probes "
         f"{(total - timings.get('pretrain', 0)) / 60:.1f} min).",
         f"- Budget file: `{budget_path.relative_to(ROOT) if budget_path.is_relative_to(ROOT) else budget_path}`; "
         f"recipes `{b['finetune']['recipe']}` and `{b['linprobe']['recipe']}`"
