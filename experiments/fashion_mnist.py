@@ -225,15 +225,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _budget_words(b: dict) -> str:
     """'fine-tuning 30,000 / 60,000 / 240,000 images at 1% / 10% / 100% labels, linear probing 30,000'."""
-    parts = []
-    for kind in ("finetune", "linprobe"):
-        n = [samples_seen(b[kind], f) for f in b["label_fractions"]]
-        if len(set(n)) == 1:
-            parts.append(f"{NAMES[kind]} {n[0]:,}")
-        else:
-            fractions = " / ".join(f"{f * 100:g}%" for f in b["label_fractions"])
-            parts.append(f"{NAMES[kind]} {' / '.join(f'{x:,}' for x in n)} images at {fractions} labels")
-    return ", ".join(parts)
+    fractions = " / ".join(f"{f * 100:g}%" for f in b["label_fractions"])
+    per = {k: [samples_seen(b[k], f) for f in b["label_fractions"]] for k in ("finetune", "linprobe")}
+
+    def words(n: list[int]) -> str:
+        return (
+            f"{n[0]:,}"
+            if len(set(n)) == 1
+            else f"{' / '.join(f'{x:,}' for x in n)} images at {fractions} labels"
+        )
+
+    if per["finetune"] == per["linprobe"]:
+        return f"fine-tuning and linear probing alike {words(per['finetune'])}"
+    return ", ".join(f"{NAMES[k]} {words(n)}" for k, n in per.items())
 
 
 def best_blr(by_blr: dict) -> float | None:
@@ -293,7 +297,7 @@ def write_report(
             cells += [fmt(m), fmt(s) + tag, f"{statistics.mean(m) - statistics.mean(s):+.2f}"]
         lines.append(f"| {f * 100:g}% ({int(f * TRAIN_SIZE)}) | " + " | ".join(cells) + " |")
     lines += pixel_rows(b["label_fractions"], pixels)
-    lines += against_pixels(b["label_fractions"], results, pixels, pre)
+    lines += against_pixels(b["label_fractions"], results, pixels, knn)
     lines += probe_rows(b["label_fractions"], pixels, feats)
     for kind in swept:
         sweep = b[kind]["scratch_blr"]
@@ -367,7 +371,7 @@ def pixel_rows(fractions: list[float], pixels: dict) -> list[str]:
     return lines
 
 
-def against_pixels(fractions: list[float], results: dict, pixels: dict, pre: Path) -> list[str]:
+def against_pixels(fractions: list[float], results: dict, pixels: dict, knn: list[float]) -> list[str]:
     """One generated sentence: every MAE number of the table minus its raw-pixel counterpart."""
 
     def mean(kind: str, f: float) -> float:
@@ -380,7 +384,6 @@ def against_pixels(fractions: list[float], results: dict, pixels: dict, pre: Pat
         for f in fractions
     )
     lp = " / ".join(f"{mean('linprobe', f) - pixels['linear'][str(f)]:+.2f}" for f in fractions)
-    knn = [r["knn_top1"] for r in rows(pre) if "knn_top1" in r]
     end = (
         f"; the encoder's k-NN in the monitor's setup ends at {knn[-1]:.1f}% against the pixels' "
         f"{pixels['knn_monitor']:.1f}% ({knn[-1] - pixels['knn_monitor']:+.1f})"
