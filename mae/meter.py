@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -20,12 +21,15 @@ class Meter:
 
     img/s and data_wait cover training only: the first step of a process (torch.compile, allocator and
     worker warm-up) and everything inside `paused()` (monitor, evaluation, checkpoints) are left out.
-    The ETA extrapolates the mean time per step since this process started.
+    The ETA extrapolates the wall time per step over the last `eta_windows` log windows, pauses included
+    (monitor and checkpoints recur, so they count on average): a stall, a suspended job or a neighbour that
+    leaves the machine stops weighing on it once it is that many windows old.
     """
 
-    def __init__(self, total_steps: int, start_step: int, images_per_step: int):
+    def __init__(self, total_steps: int, start_step: int, images_per_step: int, eta_windows: int = 50):
         self.total, self.start_step, self.images_per_step = total_steps, start_step, images_per_step
         self.start_t = self.window_t = time.perf_counter()
+        self.marks = deque([(self.start_t, start_step)], maxlen=eta_windows)  # (time, step) of the last reads
         self.window_steps, self.window_waited = 0, 0.0  # the whole window, warm-up included
         self._restart(self.start_t)
 
@@ -76,7 +80,9 @@ class Meter:
         else:  # a log at the very first step: nothing but the warm-up to time
             busy = max(now - self.window_t, 1e-9)
             steps, waited = self.window_steps, self.window_waited
-        eta = (now - self.start_t) / max(step - self.start_step, 1) * (self.total - step)
+        since_t, since_step = self.marks[0]
+        eta = (now - since_t) / max(step - since_step, 1) * (self.total - step)
+        self.marks.append((now, step))
         reading = Reading(steps * self.images_per_step / busy, round(min(waited / busy, 1.0), 4), eta)
         self.window_t, self.window_steps, self.window_waited = now, 0, 0.0
         self._restart(now)

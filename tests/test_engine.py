@@ -132,6 +132,38 @@ def test_img_per_s_leaves_out_warm_up_monitor_and_checkpoint_time(tmp_path):
     assert all(r["img_per_s"] > 100 for r in logged), logged
 
 
+def test_eta_follows_the_recent_pace_after_a_suspension(monkeypatch):
+    """A job suspended for an hour (SIGSTOP, a preempted node, a laptop lid) then running at its old pace:
+    the ETA returns to the remaining steps at that pace instead of carrying the hour for the rest of the run."""
+    from mae import meter
+
+    clock = [0.0]
+    monkeypatch.setattr(meter.time, "perf_counter", lambda: clock[0])
+    m = meter.Meter(total_steps=10_000, start_step=0, images_per_step=8, eta_windows=50)
+    step = 0
+
+    def window(seconds_per_step: float = 1.0):
+        nonlocal step
+        for _ in range(10):
+            step += 1
+            clock[0] += seconds_per_step
+            m.step_done(step)
+        return m.read(step)
+
+    for _ in range(60):
+        r = window()
+    assert r.eta_s == pytest.approx(10_000 - step)
+    clock[0] += 3600.0  # suspended
+    r = window()
+    assert r.eta_s > 5 * (10_000 - step)  # the hour is in the recent windows: the estimate says so
+    for _ in range(50):
+        r = window()
+    assert r.eta_s == pytest.approx(10_000 - step)
+    for _ in range(50):
+        r = window(seconds_per_step=0.5)  # the neighbour left: twice as fast
+    assert r.eta_s == pytest.approx(0.5 * (10_000 - step))
+
+
 class SlowLoader(StubLoader):
     """The stub's batches, each arriving `delay` seconds after it is asked for."""
 
