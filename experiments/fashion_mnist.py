@@ -398,19 +398,33 @@ def against_pixels(fractions: list[float], results: dict, pixels: dict, knn: lis
 
 
 def probe_rows(fractions: list[float], pixels: dict, feats: dict) -> list[str]:
-    """Block by block: the frozen MAE encoder's features under the pixel baselines' own classifiers."""
+    """Block by block: the frozen MAE encoder's features under the pixel baselines' own classifiers, then the
+    last block's read-outs of a randomly initialised encoder (`feats["random"]`, when measured)."""
     head = (
         " | ".join(f"linear {f * 100:g}%" for f in fractions)
         + " | "
         + " | ".join(f"20-NN {f * 100:g}%" for f in fractions)
     )
+    random = feats.get("random")
     lines = [
         "",
         "The frozen MAE encoder's features under exactly these two classifiers (the same subsets, L2 sweep and "
         "test images; features standardised with the labelled subset's statistics), block by block: the cls "
         "token and the mean of the patch tokens after each block, and the last block's cls token after the "
-        "final norm, which is what the linear-probe runs above train on. The best feature of each column is "
-        "in bold.",
+        "final norm, which is what the linear-probe runs above train on"
+        + (
+            "; the last block's patch tokens after the final norm are also read as a small feature map (their "
+            "mean over each cell of a 3x3 grid of patches, laid out like the pixels)"
+            if "final/grid" in feats["linear"]
+            else ""
+        )
+        + ". The best feature of each column is in bold."
+        + (
+            " Below them, the 20-NN of the last block's read-outs of a randomly initialised encoder of the same "
+            "architecture: what each read-out gives without any learning."
+            if random
+            else ""
+        ),
         "",
         f"| features | {head} |",
         "| --- | " + " | ".join("---" for _ in range(2 * len(fractions))) + " |",
@@ -426,15 +440,47 @@ def probe_rows(fractions: list[float], pixels: dict, feats: dict) -> list[str]:
         for kind in ("linear", "knn")
         for f in fractions
     }
-    for name in names:
-        cells = []
-        for kind in ("linear", "knn"):
-            for f in fractions:
-                v = f"{feats[kind][name][str(f)]:.2f}"
-                cells.append(f"**{v}**" if best[(kind, f)] == name else v)
-        label = name.replace("final/cls", "last block, cls after the final norm").replace("/", ", ")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for prefix, table in [("", feats)] + ([("random init: ", random)] if random else []):
+        for name in table["knn"]:
+            cells = []
+            for kind in ("linear", "knn"):
+                for f in fractions:
+                    if name not in table.get(kind, {}):
+                        cells.append("—")
+                        continue
+                    v = f"{table[kind][name][str(f)]:.2f}"
+                    cells.append(f"**{v}**" if table is feats and best[(kind, f)] == name else v)
+            lines.append(f"| {prefix}{_feature_label(name)} | " + " | ".join(cells) + " |")
+    if "final/grid" in feats["knn"]:
+        lines += ["", _grid_sentence(fractions, pixels, feats)]
     return lines
+
+
+def _feature_label(name: str) -> str:
+    return {
+        "final/cls": "last block, cls after the final norm",
+        "final/grid": "last block, patch tokens after the final norm on a 3x3 grid",
+    }.get(name, name.replace("/", ", "))
+
+
+def _grid_sentence(fractions: list[float], pixels: dict, feats: dict) -> str:
+    """The 20-NN of the last block's 3x3 token grid against the pixels' 20-NN (and a random encoder's)."""
+    labels = " / ".join(f"{f * 100:g}%" for f in fractions)
+    mae = [feats["knn"]["final/grid"][str(f)] for f in fractions]
+    pix = [pixels["knn"][str(f)] for f in fractions]
+    text = (
+        f"Read as a 3x3 grid, the pretrained encoder's last-block tokens under the pixels' own 20-NN reach "
+        f"{' / '.join(f'{m:.2f}' for m in mae)} at {labels} labels, "
+        f"{' / '.join(f'{m - p:+.2f}' for m, p in zip(mae, pix))} points against the pixels"
+    )
+    random = (feats.get("random") or {}).get("knn", {}).get("final/grid")
+    if random:
+        rnd = [random[str(f)] for f in fractions]
+        text += (
+            f", and {' / '.join(f'{m - r:+.2f}' for m, r in zip(mae, rnd))} against the same read-out of the "
+            "randomly initialised encoder"
+        )
+    return text + "."
 
 
 def _knn_setup(pre: Path) -> str:

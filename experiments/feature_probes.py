@@ -6,7 +6,10 @@ tokens) and classified by logistic regression (full-batch L-BFGS, best L2 of the
 standardised with the labelled subset's statistics) and by the k-NN monitor's 20-NN, on the study's
 class-balanced labelled subsets and the 10,000 test images. Read against `pixel_baselines`, this says
 whether the features beat the pixels and at which depth; the last block's normalised cls token is what
-the linear-probe runs train on.
+the linear-probe runs train on. The last block's normalised patch tokens are also read as a small feature
+map (their mean over each cell of a 3x3 grid of patches: spatially laid out, as the pixel classifiers see
+the pixels), and the last block's read-outs are scored by the k-NN on a randomly initialised encoder of the
+same architecture: what each read-out gives without any learning.
 
     .venv/bin/python experiments/feature_probes.py runs/study/pretrain     # prints the figures as JSON
 """
@@ -30,20 +33,24 @@ from mae.evaluation import knn_top1  # noqa: E402
 from mae.weights import load_encoder_into_vit  # noqa: E402
 
 
-def encoder(run: str | Path) -> torch.nn.Module:
-    """The pretraining run's encoder as a ViT (cls-token pooling, final norm kept, no head), eval mode."""
+def encoder(run: str | Path, pretrained: bool = True) -> torch.nn.Module:
+    """The pretraining run's encoder as a ViT (cls-token pooling, final norm kept, no head), eval mode; with
+    `pretrained=False`, the same architecture at its random initialisation (seeded)."""
     _, run_dir = resolve_checkpoint(run)
     cfg = load_run_config(run_dir)
     cfg.model.global_pool, cfg.model.drop_path = False, 0.0
+    torch.manual_seed(0)
     vit = build_vit(cfg, num_classes=0)
-    load_encoder_into_vit(vit, run, verbose=False)
+    if pretrained:
+        load_encoder_into_vit(vit, run, verbose=False)
     return vit.eval()
 
 
 @torch.no_grad()
 def block_features(vit: torch.nn.Module, x: torch.Tensor, batch: int = 1000) -> dict[str, torch.Tensor]:
-    """{"block{b}/cls", "block{b}/mean"} (N, D) for b = 1..depth, and "final/cls" (the last block after the
-    final norm: the linear probe's input), from flat normalised pixels `x` (N, H*W)."""
+    """{"block{b}/cls", "block{b}/mean"} (N, D) for b = 1..depth, "final/cls" (the last block after the final
+    norm: the linear probe's input) and "final/grid" (N, D * 9: the patch tokens after the final norm,
+    averaged over each cell of a 3x3 grid), from flat normalised pixels `x` (N, H*W)."""
     side = int(x.shape[1] ** 0.5)
     out: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(x), batch):
@@ -55,34 +62,54 @@ def block_features(vit: torch.nn.Module, x: torch.Tensor, batch: int = 1000) -> 
             t = blk(t)
             out.setdefault(f"block{b}/cls", []).append(t[:, 0])
             out.setdefault(f"block{b}/mean", []).append(t[:, 1:].mean(dim=1))
-        out.setdefault("final/cls", []).append(vit.norm(t)[:, 0])
+        t = vit.norm(t)
+        out.setdefault("final/cls", []).append(t[:, 0])
+        n, grid = t.shape[0], int((t.shape[1] - 1) ** 0.5)
+        fmap = t[:, 1:].transpose(1, 2).reshape(n, -1, grid, grid)
+        out.setdefault("final/grid", []).append(F.adaptive_avg_pool2d(fmap, 3).flatten(1))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 def probes(run: str | Path, fractions: list[float], k: int = 20, test_samples: int | None = None) -> dict:
-    """{"linear": {feature: {fraction: top1}}, "linear_l2": {...}, "knn": {feature: {fraction: top1}}}, on the
-    10,000 test images (the first `test_samples` of them, when given)."""
-    torch.manual_seed(0)
-    vit = encoder(run)
+    """{"linear": {feature: {fraction: top1}}, "linear_l2": {...}, "knn": {feature: {fraction: top1}}, "random":
+    the k-NN alone for the last block's features of a randomly initialised encoder}, on the 10,000 test images (the
+    first `test_samples` of them, when given)."""
     (xtr, ytr), (xte, yte) = pixels("train"), pixels("test")
     xte, yte = xte[:test_samples], yte[:test_samples]
     subsets = {f: torch.from_numpy(label_subset(ytr.numpy(), f, SUBSET_SEED)) for f in fractions}
     used = torch.unique(torch.cat(list(subsets.values())))  # only the labelled images need features
     row = torch.full((len(xtr),), -1, dtype=torch.long)
     row[used] = torch.arange(len(used))
-    ftr, fte = block_features(vit, xtr[used]), block_features(vit, xte)
-    out: dict = {"linear": {}, "linear_l2": {}, "knn": {}}
+
+    def score(vit: torch.nn.Module, names: list[str] | None = None, linear: bool = True) -> dict:
+        ftr, fte = block_features(vit, xtr[used]), block_features(vit, xte)
+        return classify({n: ftr[n] for n in names or ftr}, fte, subsets, row, ytr, yte, k, linear)
+
+    vit = encoder(run)
+    out = score(vit)
+    last = f"block{len(vit.blocks)}/mean"
+    out["random"] = score(encoder(run, pretrained=False), [last, "final/cls", "final/grid"], linear=False)
+    return out
+
+
+def classify(ftr: dict, fte: dict, subsets: dict, row, ytr, yte, k: int, linear: bool = True) -> dict:
+    """Each feature of `ftr` under the pixel baselines' k-NN and (`linear`) logistic regression, at every
+    labelled subset."""
+    torch.manual_seed(0)
+    out: dict = {"linear": {}, "linear_l2": {}, "knn": {}} if linear else {"knn": {}}
     for name in ftr:
         for f, idx in subsets.items():
             tr, te, y = ftr[name][row[idx]], fte[name], ytr[idx]
+            out["knn"].setdefault(name, {})[str(f)] = knn_top1(
+                F.normalize(tr, dim=1), y, F.normalize(te, dim=1), yte, k=k
+            )
+            if not linear:
+                continue
             mu, sd = tr.mean(0), tr.std(0) + 1e-6
             scores = {l2: linear_pixels(((tr - mu) / sd, y), ((te - mu) / sd, yte), l2) for l2 in L2_SWEEP}
             best = max(scores, key=scores.get)
             out["linear"].setdefault(name, {})[str(f)] = scores[best]
             out["linear_l2"].setdefault(name, {})[str(f)] = best
-            out["knn"].setdefault(name, {})[str(f)] = knn_top1(
-                F.normalize(tr, dim=1), y, F.normalize(te, dim=1), yte, k=k
-            )
     return out
 
 

@@ -95,7 +95,8 @@ def test_raw_pixel_baselines_are_real_classifiers():
 def test_feature_probes_read_what_the_linear_probe_trains_on(tmp_path):
     """The block-by-block probes of a pretraining run: the hand-rolled block walk gives the model's own
     tokens (the last block's normalised cls token is exactly the linear probe's input, the mean patch token
-    what the k-NN monitor pools), and both classifiers score every block far above chance."""
+    what the k-NN monitor pools, the grid read-out the normalised patch tokens' mean over a 3x3 grid), both
+    classifiers score every block far above chance, and the random-init control is another encoder."""
     import torch
 
     from experiments.feature_probes import block_features, encoder, probes
@@ -114,18 +115,33 @@ def test_feature_probes_read_what_the_linear_probe_trains_on(tmp_path):
     vit = encoder(run)
     x = pixels("test")[0][:16]
     feats = block_features(vit, x, batch=5)
-    assert set(feats) == {f"block{b}/{p}" for b in range(1, 7) for p in ("cls", "mean")} | {"final/cls"}
+    assert set(feats) == {f"block{b}/{p}" for b in range(1, 7) for p in ("cls", "mean")} | {
+        "final/cls",
+        "final/grid",
+    }
     with torch.no_grad():
         tokens = vit.forward_features(x.view(-1, 1, 28, 28))
     assert torch.allclose(feats["final/cls"], tokens[:, 0], atol=1e-5)
+    fmap = tokens[:, 1:].transpose(1, 2).reshape(16, -1, 7, 7)  # (N, D, 7, 7) in patch order
+    assert feats["final/grid"].shape == (16, 9 * tokens.shape[-1])
+    top_left = fmap[:, :, :3, :3].mean(
+        dim=(2, 3)
+    )  # adaptive pooling of 7 into 3 cells: rows/cols 0-2, 2-4, 4-6
+    assert torch.allclose(feats["final/grid"].view(16, -1, 9)[:, :, 0], top_left, atol=1e-5)
+    with torch.no_grad():
+        random_tokens = encoder(run, pretrained=False).forward_features(x.view(-1, 1, 28, 28))
+    assert not torch.allclose(random_tokens, tokens, atol=1e-2)
     assert torch.allclose(vit.norm(feats["block6/cls"]), tokens[:, 0], atol=1e-5)
     assert not torch.allclose(feats["block1/mean"], feats["block6/mean"], atol=1e-2)
 
     r = probes(run, [0.01], test_samples=2000)
     assert set(r["linear"]) == set(feats) == set(r["knn"])
-    for kind in ("linear", "knn"):
-        for name, by_fraction in r[kind].items():
-            assert 30.0 < by_fraction["0.01"] <= 100.0, (kind, name, by_fraction)
+    assert set(r["random"]) == {"knn"}  # the control is read by the k-NN alone
+    assert set(r["random"]["knn"]) == {"block6/mean", "final/cls", "final/grid"}
+    for table in (r, r["random"]):
+        for kind in set(table) & {"linear", "knn"}:
+            for name, by_fraction in table[kind].items():
+                assert 30.0 < by_fraction["0.01"] <= 100.0, (kind, name, by_fraction)
 
 
 def test_samples_seen_is_one_number_or_one_per_label_fraction():
@@ -180,9 +196,20 @@ def test_report_puts_every_number_next_to_its_baselines(tmp_path):
         "knn_monitor": 81.0,
     }
     feats = {
-        "linear": {"block5/mean": {"0.01": 79.0, "1.0": 86.0}, "final/cls": {"0.01": 77.0, "1.0": 86.5}},
+        "linear": {
+            "block5/mean": {"0.01": 79.0, "1.0": 86.0},
+            "final/cls": {"0.01": 77.0, "1.0": 86.5},
+            "final/grid": {"0.01": 76.0, "1.0": 86.0},
+        },
         "linear_l2": {"block5/mean": {"0.01": 0.01, "1.0": 0.01}, "final/cls": {"0.01": 0.01, "1.0": 0.01}},
-        "knn": {"block5/mean": {"0.01": 70.0, "1.0": 84.0}, "final/cls": {"0.01": 72.0, "1.0": 83.0}},
+        "knn": {
+            "block5/mean": {"0.01": 70.0, "1.0": 84.0},
+            "final/cls": {"0.01": 72.0, "1.0": 83.0},
+            "final/grid": {"0.01": 71.5, "1.0": 83.5},
+        },
+        "random": {
+            "knn": {"final/grid": {"0.01": 80.0, "1.0": 82.0}},
+        },
     }
     report = tmp_path / "results.md"
     write_report(
@@ -198,4 +225,10 @@ def test_report_puts_every_number_next_to_its_baselines(tmp_path):
     assert "| raw pixels | 78.00 | 84.50 | 73.50 | 85.50 |" in text
     assert "| block5, mean | **79.00** | 86.00 | 70.00 | **84.00** |" in text
     assert "| last block, cls after the final norm | 77.00 | **86.50** | **72.00** | 83.00 |" in text
+    grid = "last block, patch tokens after the final norm on a 3x3 grid"
+    assert f"| {grid} | 76.00 | 86.00 | 71.50 | 83.50 |" in text
+    # the random-init control is shown, never bolded, even where it would be the column's best
+    assert f"| random init: {grid} | — | — | 80.00 | 82.00 |" in text
+    assert "reach 71.50 / 83.50 at 1% / 100% labels, -2.00 / -2.00 points against the pixels" in text
+    assert "and -8.50 / +1.50 against the same read-out of the randomly initialised encoder" in text
     assert "One seed (0) per run." in text
