@@ -28,10 +28,10 @@ class Meter:
 
     def __init__(self, total_steps: int, start_step: int, images_per_step: int, eta_windows: int = 50):
         self.total, self.start_step, self.images_per_step = total_steps, start_step, images_per_step
-        self.start_t = self.window_t = time.perf_counter()
-        self.marks = deque([(self.start_t, start_step)], maxlen=eta_windows)  # (time, step) of the last reads
+        self.window_t = time.perf_counter()
+        self.marks = deque([(self.window_t, start_step)], maxlen=eta_windows)  # (time, step) of the last reads
         self.window_steps, self.window_waited = 0, 0.0  # the whole window, warm-up included
-        self._restart(self.start_t)
+        self._restart(self.window_t)
 
     def _restart(self, now: float) -> None:
         """Start timing training afresh (after the warm-up step, or a read)."""
