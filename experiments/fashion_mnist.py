@@ -1,11 +1,14 @@
 """Does MAE pretraining help? Fashion-MNIST study: pretrain once, then fine-tune and linear-probe from the
 MAE encoder and from random initialisation at equal budget, for several label fractions and seeds.
 
-    .venv/bin/python experiments/fashion_mnist.py [BUDGET.yaml]
+    .venv/bin/python experiments/fashion_mnist.py [BUDGET.yaml] [KEY=VALUE ...]
 
 Writes the table, the pretraining loss and k-NN curves and the reconstruction figure to the report
 (default docs/results.md). Every run is an ordinary `mae` run directory under output_dir; finished
-runs are skipped on a re-run.
+runs are skipped on a re-run. KEY=VALUE arguments are run settings passed to every run that leave the
+results alone (loader workers, torch.compile, logging), e.g. `data.num_workers=8 train.compile=false` on a
+GPU machine; they are not part of the budget, so runs made with other settings still count as finished.
+Each run's machine is recorded next to its wall time and named in the report.
 """
 
 from __future__ import annotations
@@ -28,15 +31,20 @@ from experiments.pixel_baselines import baselines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SIZE = 60_000
+RUN_SETTINGS = ("data.num_workers", "train.compile", "log.wandb", "log.progress")  # leave the results alone
 NAMES = {"finetune": "fine-tuning", "linprobe": "linear probing"}
 
 
-def run(entry: str, recipe: str, out: Path, overrides: dict, log_dir: Path) -> float | None:
+def run(
+    entry: str, recipe: str, out: Path, overrides: dict, log_dir: Path, settings: dict | None = None
+) -> float | None:
     """Run one entry point to completion (resuming if it was interrupted); returns wall seconds, or None
-    when the run had already finished with these settings."""
+    when the run had already finished with these overrides. `settings` (RUN_SETTINGS) go to the run too,
+    but are not checked against a finished run."""
     if finished(out, overrides):
         return None
-    args = [f"recipe={recipe}", f"output_dir={out}"] + [f"{k}={v}" for k, v in overrides.items()]
+    args = [f"recipe={recipe}", f"output_dir={out}"]
+    args += [f"{k}={v}" for k, v in {**overrides, **(settings or {})}.items()]
     cmd = [sys.executable, str(ROOT / "mae" / f"{entry}.py"), *args]
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{out.name}.log"
@@ -60,7 +68,7 @@ def finished(out: Path, overrides: dict) -> bool:
         have = saved
         for part in key.split("."):
             have = have.get(part) if isinstance(have, dict) else None
-        if str(have) != str(want) and not _same_number(have, want):
+        if str(have) != str(want) and not _same_number(have, want) and not _same_init(key, have, want):
             sys.exit(
                 f"{out} was run with {key}={have!r} but the budget now says {want!r}: "
                 "move it away (or change output_dir) to run the study with the new budget"
@@ -68,6 +76,13 @@ def finished(out: Path, overrides: dict) -> bool:
     r = rows(out)
     total = saved.get("derived", {}).get("total_steps")
     return bool(r) and r[-1].get("step") == total and ("top1" in r[-1] or "loss" in r[-1])
+
+
+def _same_init(key: str, a, b) -> bool:
+    """model.init given relative to the repository root or absolute names the same checkpoint."""
+    return (
+        key == "model.init" and bool(a) and bool(b) and (ROOT / str(a)).resolve() == (ROOT / str(b)).resolve()
+    )
 
 
 def _same_number(a, b) -> bool:
@@ -102,7 +117,9 @@ def run_overrides(
         "data.epoch_samples": samples_seen(spec, fraction),
         "train.epochs": 1,
         "train.eval_every": 1,  # the one evaluation, at the end
-        "model.init": str(pre) if init == "mae" else "",
+        "model.init": str(pre.relative_to(ROOT) if pre.is_relative_to(ROOT) else pre)
+        if init == "mae"
+        else "",
         **(spec.get("overrides") or {}),
         **(spec.get(f"{init}_overrides") or {}),
         **({"train.blr": blr} if blr is not None else {}),
@@ -160,9 +177,43 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def parse_args(argv: list[str]) -> tuple[Path, dict]:
+    """[BUDGET.yaml] [KEY=VALUE ...] -> (budget path, run settings); a usage error exits with code 2."""
+    budget_path, settings = ROOT / "experiments" / "fashion_mnist.yaml", {}
+    for i, arg in enumerate(argv):
+        if i == 0 and "=" not in arg:
+            budget_path = Path(arg)
+            if not budget_path.is_file():
+                _usage(f"budget file {arg!r} does not exist")
+            continue
+        key, sep, value = arg.partition("=")
+        if not sep or not value:
+            _usage(f"expected KEY=VALUE after the budget file, got {arg!r}")
+        if key not in RUN_SETTINGS:
+            _usage(
+                f"{key} is not a run setting ({', '.join(RUN_SETTINGS)}); what changes the results belongs in the "
+                "budget file"
+            )
+        settings[key] = value
+    return budget_path, settings
+
+
+def _usage(message: str) -> None:
+    print(f"usage: fashion_mnist.py [BUDGET.yaml] [KEY=VALUE ...]\nerror: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def machine() -> str:
+    """Where the runs started now execute: the GPU the recipes pick when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (1 GPU, {_cpu_count()} CPU cores)"
+    return f"{_cpu_name()}, {_cpu_count()} CPU cores, no GPU"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    budget_path = Path(argv[0]) if argv else ROOT / "experiments" / "fashion_mnist.yaml"
+    budget_path, settings = parse_args(sys.argv[1:] if argv is None else argv)
     b = yaml.safe_load(budget_path.read_text())
     root = ROOT / b["output_dir"]
     report = ROOT / b["report"]
@@ -171,15 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     logs = root / "logs"
     timings_path = root / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    machines_path = root / "machines.json"
+    machines: dict[str, str] = json.loads(machines_path.read_text()) if machines_path.is_file() else {}
+    here = machine()
 
     def timed(name: str, seconds: float | None) -> None:
-        if seconds is not None:  # a run finished earlier keeps the time it took then
-            timings[name] = round(seconds, 1)
+        if seconds is not None:  # a run finished earlier keeps the time it took then, and its machine
+            timings[name], machines[name] = round(seconds, 1), here
             timings_path.parent.mkdir(parents=True, exist_ok=True)
             timings_path.write_text(json.dumps(timings, indent=1))
+            machines_path.write_text(json.dumps(machines, indent=1))
 
     pre = root / "pretrain"
-    timed("pretrain", run("pretrain", b["pretrain"]["recipe"], pre, b["pretrain"]["overrides"], logs))
+    timed(
+        "pretrain", run("pretrain", b["pretrain"]["recipe"], pre, b["pretrain"]["overrides"], logs, settings)
+    )
 
     # results[(kind, init, fraction)][blr or None] = top-1 of each seed
     results: dict[tuple[str, str, float], dict[float | None, list[float]]] = {}
@@ -193,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         tag = f"-blr{blr:g}" if blr is not None else ""
                         out = root / f"{kind}-{init}{tag}-{fraction:g}-seed{seed}"
                         overrides = run_overrides(spec, init, fraction, seed, pre, blr)
-                        timed(out.name, run(kind, spec["recipe"], out, overrides, logs))
+                        timed(out.name, run(kind, spec["recipe"], out, overrides, logs, settings))
                         top1 = final_top1(out)
                         results.setdefault((kind, init, fraction), {}).setdefault(blr, []).append(top1)
                         print(f"{out.name}: top-1 {top1:.2f}", flush=True)
@@ -218,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if recon.is_file():
         shutil.copy(recon, fig_dir / "reconstruction.png")
         figures.append("reconstruction.png")
-    write_report(report, b, budget_path, results, pixels, feats, figures, timings, pre)
+    write_report(report, b, budget_path, results, pixels, feats, figures, timings, pre, machines)
     print(f"wrote {report}")
     return 0
 
@@ -255,6 +312,7 @@ def write_report(
     figures: list[str],
     timings: dict,
     pre: Path,
+    machines: dict | None = None,
 ) -> None:
     pre_rows = rows(pre)
     losses = [r["loss"] for r in pre_rows if "loss" in r]
@@ -326,7 +384,8 @@ def write_report(
             if knn
             else ""
         )
-        + f"; {timings.get('pretrain', 0) / 60:.1f} min.",
+        + f"; {timings.get('pretrain', 0) / 60:.1f} min"
+        + (f" on {machines['pretrain']}." if (machines or {}).get("pretrain") else "."),
         "",
     ]
     lines += [f"![{name}](results/{name})" for name in figures]
@@ -334,11 +393,8 @@ def write_report(
         "",
         "## Setup",
         "",
-        f"- Hardware: {_cpu_name()}, {_cpu_count()} CPU cores, no GPU; bf16 autocast.",
-        f"- Compute time: {total / 60:.1f} min in all (pretraining {timings.get('pretrain', 0) / 60:.1f} min, "
-        f"{sum(k.startswith(('finetune-', 'linprobe-')) for k in timings)} fine-tune / probe runs, the pixel "
-        "baselines and the feature probes "
-        f"{(total - timings.get('pretrain', 0)) / 60:.1f} min).",
+        f"- Compute time: {total / 60:.1f} min in all, bf16 autocast:",
+        *machine_lines(timings, machines or {}),
         f"- Budget file: `{budget_path.relative_to(ROOT) if budget_path.is_relative_to(ROOT) else budget_path}`; "
         f"recipes `{b['finetune']['recipe']}` and `{b['linprobe']['recipe']}`"
         + "".join(
@@ -352,6 +408,24 @@ def write_report(
         "",
     ]
     report.write_text("\n".join(lines))
+
+
+def machine_lines(timings: dict, machines: dict) -> list[str]:
+    """One line per machine: its minutes and what ran there (runs kept from an earlier study keep theirs)."""
+    by: dict[str, list[str]] = {}
+    for name in timings:
+        by.setdefault(machines.get(name, "machine not recorded"), []).append(name)
+    lines = []
+    for where, names in by.items():
+        runs = sum(n.startswith(("finetune-", "linprobe-")) for n in names)
+        parts = (["pretraining"] if "pretrain" in names else []) + (
+            [f"{runs} fine-tune / probe run{'s' if runs != 1 else ''}"] if runs else []
+        )
+        parts += [label for key, label in (("pixel_baselines", "the pixel baselines"),
+                                           ("feature_probes", "the feature probes")) if key in names]  # fmt: skip
+        what = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+        lines.append(f"  - {where}: {sum(timings[n] for n in names) / 60:.1f} min ({what}).")
+    return lines
 
 
 def pixel_rows(fractions: list[float], pixels: dict) -> list[str]:

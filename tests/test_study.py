@@ -74,6 +74,62 @@ def test_a_finished_run_is_skipped_and_one_with_other_settings_refused(tmp_path)
     assert not finished(tmp_path / "never-run", {"seed": 0})
 
 
+def test_run_settings_reach_every_run_but_do_not_make_a_finished_run_unfinished(tmp_path, monkeypatch):
+    """`fashion_mnist.py budget.yaml data.num_workers=8 train.compile=false` on a GPU machine: the settings
+    go on each run's command line, a run finished without them is still finished, and a key that changes
+    the results is refused with exit code 2 (it belongs in the budget)."""
+    import json
+
+    import pytest
+
+    import experiments.fashion_mnist as study
+
+    budget_path, settings = study.parse_args(
+        ["experiments/fashion_mnist.yaml", "data.num_workers=8", "train.compile=false"]
+    )
+    assert budget_path == Path("experiments/fashion_mnist.yaml")
+    assert settings == {"data.num_workers": "8", "train.compile": "false"}
+    assert study.parse_args([]) == (ROOT / "experiments" / "fashion_mnist.yaml", {})
+    for bad in (["train.epochs=40"], ["x.yaml", "data.num_workers"], ["missing.yaml"]):
+        with pytest.raises(SystemExit) as e:
+            study.parse_args(bad)
+        assert e.value.code == 2
+
+    calls = []
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    out = tmp_path / "finetune-mae-0.1-seed0"
+    assert study.run("finetune", "finetune_demo", out, {"seed": 0}, tmp_path / "logs", settings) is not None
+    assert calls[-1][-3:] == ["seed=0", "data.num_workers=8", "train.compile=false"]
+    out.mkdir()
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"seed": 0, "data": {"num_workers": 1}, "derived": {"total_steps": 1}})
+    )
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "top1": 80.0}) + "\n")
+    assert study.run("finetune", "finetune_demo", out, {"seed": 0}, tmp_path / "logs", settings) is None
+    assert len(calls) == 1
+
+
+def test_the_pretrained_checkpoint_is_named_relative_to_the_repository(tmp_path):
+    """A study made on one machine continues on another: the fine-tunes name the pretraining run relative to
+    the repository root, and a run that named it by its absolute path still counts as the same."""
+    from experiments.fashion_mnist import finished
+
+    pre = ROOT / "runs" / "study" / "pretrain"
+    o = run_overrides(BUDGET["finetune"], "mae", 0.1, 0, pre)
+    assert o["model.init"] == "runs/study/pretrain"
+    out = tmp_path / "finetune-mae-0.1-seed0"
+    out.mkdir()
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"init": str(pre)}, "derived": {"total_steps": 1}})
+    )
+    (out / "metrics.jsonl").write_text('{"step": 1, "top1": 80.0}\n')
+    assert finished(out, {"model.init": "runs/study/pretrain"})
+    import pytest
+
+    with pytest.raises(SystemExit, match="model.init"):
+        finished(out, {"model.init": "runs/other/pretrain"})
+
+
 @needs_fmnist
 def test_raw_pixel_baselines_are_real_classifiers():
     """The context rows: on the study's own 1% subset, logistic regression and k-NN on pixels score far above
@@ -212,9 +268,15 @@ def test_report_puts_every_number_next_to_its_baselines(tmp_path):
         },
     }
     report = tmp_path / "results.md"
-    write_report(
-        report, budget, tmp_path / "budget.yaml", results, pixels, feats, [], {"pretrain": 60.0}, pre
-    )
+    timings = {
+        "pretrain": 60.0,
+        "finetune-mae-0.01-seed0": 120.0,
+        "linprobe-mae-0.01-seed0": 60.0,
+        "feature_probes": 30.0,
+    }
+    machines = {"pretrain": "GPU X (1 GPU, 16 CPU cores)", "finetune-mae-0.01-seed0": "CPU Y, 2 CPU cores, no GPU",
+                "linprobe-mae-0.01-seed0": "CPU Y, 2 CPU cores, no GPU"}  # fmt: skip
+    write_report(report, budget, tmp_path / "budget.yaml", results, pixels, feats, [], timings, pre, machines)
     text = report.read_text()
     assert f"| 1% (600) | 80.00 | 70.00 (blr {sweep[1]:g}) | +10.00 | 75.00 | 40.00 | +35.00 |" in text
     assert f"| 100% (60000) | 91.00 | 88.00 (blr {sweep[0]:g}) | +3.00 | 82.00 | 41.00 | +41.00 |" in text
@@ -232,3 +294,9 @@ def test_report_puts_every_number_next_to_its_baselines(tmp_path):
     assert "reach 71.50 / 83.50 at 1% / 100% labels, -2.00 / -2.00 points against the pixels" in text
     assert "and -8.50 / +1.50 against the same read-out of the randomly initialised encoder" in text
     assert "One seed (0) per run." in text
+    # each machine with its minutes and what ran there; a run without a record says so
+    assert "- Compute time: 4.5 min in all, bf16 autocast:" in text
+    assert "  - GPU X (1 GPU, 16 CPU cores): 1.0 min (pretraining)." in text
+    assert "  - CPU Y, 2 CPU cores, no GPU: 3.0 min (2 fine-tune / probe runs)." in text
+    assert "  - machine not recorded: 0.5 min (the feature probes)." in text
+    assert "; 1.0 min on GPU X (1 GPU, 16 CPU cores)." in text
