@@ -30,7 +30,7 @@ from torch import nn
 from mae import checkpoint as ckpt
 from mae import fsdp, trackers
 from mae.config import ConfigError, Derived, check_compatible, derive, resolve_compile, to_yaml
-from mae.meter import Meter
+from mae.meter import Meter, loader_hint
 from mae.optim import build_optimizer, lr_at, set_lr
 from mae.runlock import claim_output_dir
 from mae.runtime import STOP, StopExchange, fmt_time, peak_mem_gb, request_requeue
@@ -87,6 +87,7 @@ class Trainer:
         self.derived: Derived = derive(cfg, accelerator.num_processes, task.loader.steps_per_epoch)
         self.step = 0
         self.bad_samples = 0
+        self.hinted = False  # the loader advice is given once per process
         self.stop = STOP
         self.exchange = StopExchange(cfg.checkpoint.stop_check_s)
         self._ctrl_group = None
@@ -464,6 +465,14 @@ class Trainer:
             f"peak {row['peak_mem_gb']:.2f} GB"
             + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
         )
+        if not self.hinted and self.step > meter.start_step + 1:  # a window after the warm-up step
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+            hint = loader_hint(
+                m.data_wait, int(self.cfg.data.num_workers), len(os.sched_getaffinity(0)) // local
+            )
+            if hint:
+                self.hinted = True
+                self.log(hint)
         return row
 
     def _stopped(self, signum: int, start_step: int) -> int:

@@ -89,3 +89,15 @@ class Meter:
         self.window_t, self.window_steps, self.window_waited = now, 0, 0.0
         self._restart(now)
         return reading
+
+
+def loader_hint(data_wait: float, num_workers: int, cores: int, threshold: float = 0.3) -> str | None:
+    """The one-line advice when the steps wait for data (`data_wait` >= `threshold` of the training time) while
+    this process has CPU cores that no loader worker uses (one is the training process's own); else None."""
+    if data_wait < threshold or num_workers >= cores - 1:
+        return None
+    suggest = min(cores - 1, max(8, 2 * num_workers))
+    return (
+        f"the input pipeline is the bottleneck: data_wait {data_wait:.0%} with data.num_workers={num_workers} "
+        f"and {cores} CPU cores for this process; try data.num_workers={suggest}"
+    )

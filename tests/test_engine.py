@@ -195,6 +195,32 @@ def test_data_wait_is_the_fraction_of_the_window_spent_waiting_for_batches(tmp_p
     assert min(r["data_wait"] for r in rates[0.0]) < min(r["data_wait"] for r in rates[0.3])
 
 
+def test_a_starved_step_gets_one_line_of_loader_advice(tmp_path, capsys, monkeypatch):
+    """A GPU fed by the demo's one worker waits for data most of the time: the log says so once, with the
+    setting to raise, when the process has cores no worker uses; never when the cores are all taken."""
+    from mae import engine
+    from mae.meter import loader_hint
+
+    hint = loader_hint(0.6, 1, 16)
+    assert "data_wait 60% with data.num_workers=1 and 16 CPU cores" in hint and hint.endswith(
+        "data.num_workers=8"
+    )
+    assert loader_hint(0.6, 10, 16).endswith("data.num_workers=15")
+    assert loader_hint(0.1, 1, 16) is None  # the step is the bottleneck
+    assert loader_hint(0.9, 1, 2) is None and loader_hint(0.9, 15, 16) is None  # no idle core to give
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = stub_config(tmp_path, "checkpoint.every_steps=100", "log.every_steps=2", "data.num_workers=1")
+    model = nn.Sequential(nn.Linear(3, 2))
+    task = Task(model=model, groups=param_groups(model, 0.0), loader=SlowLoader(0.3),
+                loss_fn=lambda m, x, y, step, micro: nn.functional.cross_entropy(m(x), y) if len(x) else m(x).sum())  # fmt: skip
+    assert train(cfg, make_accelerator(cfg), task) == 0
+    out = capsys.readouterr().out
+    assert out.count("the input pipeline is the bottleneck") == 1, out
+    assert "with data.num_workers=1 and 16 CPU cores for this process; try data.num_workers=8" in out
+
+
 def _run_recording_model(tmp_path, capsys, compile_value):
     cfg = stub_config(
         tmp_path, f"train.compile={compile_value}", "train.max_steps=2", "checkpoint.every_steps=100"
