@@ -88,6 +88,8 @@ class Trainer:
         self.step = 0
         self.bad_samples = 0
         self.hinted = False  # the loader advice is given once per process
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        self.cores = len(os.sched_getaffinity(0)) // local  # this process's share of the machine's cores
         self.stop = STOP
         self.exchange = StopExchange(cfg.checkpoint.stop_check_s)
         self._ctrl_group = None
@@ -466,10 +468,7 @@ class Trainer:
             + (f" skipped {self.bad_samples} bad samples" if self.bad_samples else "")
         )
         if not self.hinted and self.step > meter.start_step + 1:  # a window after the warm-up step
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-            hint = loader_hint(
-                m.data_wait, int(self.cfg.data.num_workers), len(os.sched_getaffinity(0)) // local
-            )
+            hint = loader_hint(m.data_wait, int(self.cfg.data.num_workers), self.cores)
             if hint:
                 self.hinted = True
                 self.log(hint)

@@ -29,9 +29,8 @@ class Meter:
     def __init__(self, total_steps: int, start_step: int, images_per_step: int, eta_windows: int = 50):
         self.total, self.start_step, self.images_per_step = total_steps, start_step, images_per_step
         self.window_t = time.perf_counter()
-        self.marks = deque(
-            [(self.window_t, start_step)], maxlen=eta_windows
-        )  # (time, step) of the last reads
+        # (time, step) of the last reads
+        self.marks = deque([(self.window_t, start_step)], maxlen=eta_windows)
         self.window_steps, self.window_waited = 0, 0.0  # the whole window, warm-up included
         self._restart(self.window_t)
 
