@@ -180,6 +180,9 @@ def fmt(values: list[float]) -> str:
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
     """[BUDGET.yaml] [KEY=VALUE ...] -> (budget path, run settings); a usage error exits with code 2."""
     budget_path, settings = ROOT / "experiments" / "fashion_mnist.yaml", {}
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0)
     for i, arg in enumerate(argv):
         if i == 0 and "=" not in arg:
             budget_path = Path(arg)

@@ -74,7 +74,9 @@ def test_a_finished_run_is_skipped_and_one_with_other_settings_refused(tmp_path)
     assert not finished(tmp_path / "never-run", {"seed": 0})
 
 
-def test_run_settings_reach_every_run_but_do_not_make_a_finished_run_unfinished(tmp_path, monkeypatch):
+def test_run_settings_reach_every_run_but_do_not_make_a_finished_run_unfinished(
+    tmp_path, monkeypatch, capsys
+):
     """`fashion_mnist.py budget.yaml data.num_workers=8 train.compile=false` on a GPU machine: the settings
     go on each run's command line, a run finished without them is still finished, and a key that changes
     the results is refused with exit code 2 (it belongs in the budget)."""
@@ -90,6 +92,9 @@ def test_run_settings_reach_every_run_but_do_not_make_a_finished_run_unfinished(
     assert budget_path == Path("experiments/fashion_mnist.yaml")
     assert settings == {"data.num_workers": "8", "train.compile": "false"}
     assert study.parse_args([]) == (ROOT / "experiments" / "fashion_mnist.yaml", {})
+    with pytest.raises(SystemExit) as e:
+        study.parse_args(["--help"])
+    assert e.value.code == 0 and "KEY=VALUE" in capsys.readouterr().out
     for bad in (["train.epochs=40"], ["x.yaml", "data.num_workers"], ["missing.yaml"]):
         with pytest.raises(SystemExit) as e:
             study.parse_args(bad)
