@@ -33,6 +33,8 @@ def model_overrides(cfg: DictConfig, for_mae: bool = True) -> dict:
             kw[k] = m[k]
     if for_mae:
         kw["norm_pix_loss"] = m.norm_pix_loss
+        if m.drop_path:
+            kw["drop_path_rate"] = m.drop_path
         for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
             if m[k]:
                 kw[k] = m[k]

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 
-from mae.config import RECIPES_DIR, ConfigError
+from mae.config import READS, RECIPES_DIR, ConfigError, task_of_recipe
 
 HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG = "--print-config"
@@ -20,15 +20,6 @@ KEYS = ("output_dir", "data.train", "data.val", "model.init", "train.epochs", "t
         "train.grad_accum", "train.blr", "train.precision", "train.eval_every", "train.layer_decay", "model.name",
         "model.img_size", "model.patch_size", "model.in_chans", "model.mask_ratio", "model.drop_path",
         "checkpoint.every_steps", "log.every_steps", "log.knn_every_steps", "log.wandb", "log.tensorboard")  # fmt: skip
-ONLY_FOR = {
-    "model.init": ("finetune", "linprobe"),
-    "train.eval_every": ("finetune", "linprobe"),
-    "train.layer_decay": ("finetune",),
-    "model.drop_path": ("finetune",),
-    "model.mask_ratio": ("pretrain",),
-    "log.knn_every_steps": ("pretrain",),
-}
-TRANSFER_PREFIXES = ("finetune_", "linprobe_")
 
 
 def recipe_summaries(task: str) -> list[tuple[str, str]]:
@@ -36,8 +27,7 @@ def recipe_summaries(task: str) -> list[tuple[str, str]]:
     out = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         name = path.stem
-        kind = next((p[:-1] for p in TRANSFER_PREFIXES if name.startswith(p)), "pretrain")
-        if name == "base" or kind != task:
+        if name == "base" or task_of_recipe(name) != task:
             continue
         first = next((line for line in path.read_text().splitlines() if line.strip()), "")
         what = first.lstrip("# ").strip() if first.lstrip().startswith("#") else ""
@@ -103,11 +93,15 @@ def usage(task: str, doc: str | None = None) -> str:
     width = max((len(n) for n, _ in recipes), default=0)
     lines += [f"  {name:<{width}}  {what}" for name, what in recipes] or ["  (none)"]
     docs = key_docs()
-    keys = [k for k in KEYS if k in docs and task in ONLY_FOR.get(k, (task,))]
+    reads = READS[task]
+    keys = [k for k in KEYS if k in docs and k in reads]
     defaults = {k: docs[k][0] or '""' for k in keys}
     kw, dw = max(map(len, keys)), max(map(len, defaults.values()))
     lines += ["", "keys used most (default, meaning):"]
     lines += [f"  {k:<{kw}}  {defaults[k]:<{dw}}  {docs[k][1]}" for k in keys]
+    others = [k for k in docs if k in reads and k not in keys]
+    lines += ["", f"the other keys {task} reads (any other key is refused):"]
+    lines += _wrap(others, "  ")
     lines += [
         "",
         f"every key, with its default and a comment: {RECIPES_DIR / 'base.yaml'}",
@@ -118,6 +112,16 @@ def usage(task: str, doc: str | None = None) -> str:
         "                    steps per epoch, total and warmup steps), then exit: nothing is trained or written",
     ]
     return "\n".join(lines)
+
+
+def _wrap(words: list[str], indent: str, width: int = 110) -> list[str]:
+    lines, line = [], indent
+    for w in words:
+        if len(line) + len(w) + 1 > width and line.strip():
+            lines.append(line.rstrip())
+            line = indent
+        line += w + " "
+    return [*lines, line.rstrip()] if line.strip() else lines
 
 
 def split_flags(argv: list[str]) -> tuple[list[str], set[str]]:

@@ -91,6 +91,77 @@ def _apply(flat: dict[str, Any], updates: dict[str, Any], base: dict[str, Any], 
             raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(CHOICES[key])}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Which keys each entry point reads. A key set in a recipe or on the command line that the entry point does not
+# read is refused like an unknown one: a setting is used or refused, never accepted and ignored.
+
+_ALL_TASKS = (
+    "output_dir", "seed",
+    "model.name", "model.img_size", "model.patch_size", "model.in_chans", "model.attn_backend", "model.embed_dim",
+    "model.depth", "model.num_heads", "model.init",
+    "data.train", "data.val", "data.fmnist_dir", "data.num_workers", "data.shuffle_buffer", "data.epoch_samples",
+    "data.resampled", "data.synthetic_samples", "data.label_fraction", "data.mean", "data.std", "data.scale_min",
+    "data.hflip", "data.crop_pct",
+    "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.blr", "train.lr",
+    "train.min_lr", "train.warmup_epochs", "train.weight_decay", "train.betas", "train.optimizer", "train.clip_grad",
+    "train.precision", "train.compile",
+    "checkpoint.every_steps", "checkpoint.keep", "checkpoint.resume", "checkpoint.max_requeues",
+    "checkpoint.stop_check_s", "checkpoint.lock_wait_s",
+    "log.every_steps", "log.wandb", "log.wandb_project", "log.tensorboard", "log.progress",
+)  # fmt: skip
+READS: dict[str, frozenset[str]] = {
+    "pretrain": frozenset((*_ALL_TASKS,
+        "model.norm_pix_loss", "model.mask_ratio", "model.decoder_embed_dim", "model.decoder_depth",
+        "model.decoder_num_heads", "model.drop_path", "model.grad_checkpointing", "data.decode", "train.fsdp",
+        "log.viz_images", "log.knn_every_steps", "log.knn_k", "log.knn_train_samples", "log.knn_val_samples",
+    )),
+    "finetune": frozenset((*_ALL_TASKS,
+        "model.drop_path", "model.global_pool", "model.num_classes", "model.grad_checkpointing",
+        "data.auto_augment", "data.reprob", "train.layer_decay", "train.fsdp", "train.smoothing", "train.mixup",
+        "train.cutmix", "train.eval_every",
+    )),
+    "linprobe": frozenset((*_ALL_TASKS,
+        "model.global_pool", "model.num_classes", "train.smoothing", "train.eval_every",
+    )),
+}  # fmt: skip
+# Keys only some data sources use: set with another source they get a note, not an error (a recipe sets them for
+# real data; `synthetic` batches are drawn on the device, uncropped, unflipped, without loader workers).
+SYNTHETIC_IGNORES = ("data.scale_min", "data.hflip", "data.num_workers")
+
+
+def readers(key: str) -> list[str]:
+    """The entry points that read `key`."""
+    return [t for t, keys in READS.items() if key in keys]
+
+
+def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> list[str]:
+    """Refuse a key set in the recipe or on the command line (`explicit`: key -> where it was set) that `task`
+    does not read; returns the notes for keys that only the chosen data source leaves unused."""
+    reads = READS[task]
+    for key, where in explicit.items():
+        if key not in reads:
+            by = readers(key)
+            raise ConfigError(
+                f"{where}: {key} is not read by {task} (read by: {', '.join(by) or 'no entry point'}); remove it"
+            )
+        if key == "train.betas" and flat["train.optimizer"] == "lars":
+            raise ConfigError(f"{where}: train.betas is not read with train.optimizer=lars (AdamW's); remove it")
+    notes = []
+    ignored = [k for k in SYNTHETIC_IGNORES if k in explicit]
+    if task == "pretrain" and str(flat["data.train"]).partition(":")[0] == "synthetic" and ignored:
+        notes.append(
+            f"note: data.train=synthetic draws its images on the device, uncropped, unflipped and without loader "
+            f"workers: {', '.join(ignored)} ({explicit[ignored[0]]}) take effect with image data only"
+        )
+    return notes
+
+
+def task_of_recipe(recipe: str | None) -> str:
+    """The entry point a recipe is written for, by its name: finetune_*, linprobe_*, else pretrain."""
+    stem = Path(recipe).stem if recipe else ""
+    return next((t for t in READS if t != "pretrain" and stem.startswith(t + "_")), "pretrain")
+
+
 def _unflatten(flat: dict[str, Any]) -> dict:
     out: dict = {}
     for key, value in flat.items():
@@ -130,20 +201,30 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def load_config(
-    argv: list[str] | None = None, default_recipe: str | None = None, task: str = "pretrain"
+    argv: list[str] | None = None, default_recipe: str | None = None, task: str | None = None, log=None
 ) -> DictConfig:
-    """Merge base.yaml <- recipe <- CLI overrides into a read-only, attribute-accessible config."""
+    """Merge base.yaml <- recipe <- CLI overrides into a read-only, attribute-accessible config.
+
+    `task` (the entry point; default: the recipe's, by its name) refuses the keys it does not read
+    (`check_reads`); its notes go to `log`."""
     recipe, overrides = parse_overrides(list(argv or []))
     recipe = recipe or default_recipe
+    task = task or task_of_recipe(recipe)
     base = _flatten(_load_yaml(RECIPES_DIR / "base.yaml"))
-    flat = dict(base)
+    flat, explicit = dict(base), {}
     if recipe:
         path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{recipe}.yaml"
         if not path.is_file():
             names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
             raise ConfigError(f"recipe '{recipe}' not found; available: {', '.join(names)}")
-        _apply(flat, _flatten(_load_yaml(path)), base, f"recipe {path.name}")
+        delta = _flatten(_load_yaml(path))
+        _apply(flat, delta, base, f"recipe {path.name}")
+        explicit.update(dict.fromkeys(delta, f"recipe {path.name}"))
     _apply(flat, overrides, base, "command line")
+    explicit.update(dict.fromkeys(overrides, "command line"))
+    for note in check_reads(task, explicit, flat):
+        if log is not None:
+            log(note)
     flat["recipe"] = recipe or ""
     flat["task"] = task
     if not flat["output_dir"]:

@@ -559,7 +559,7 @@ def run_entry(
         if "help" in flags:
             print(cli.usage(task_name, sys.modules[build_task.__module__].__doc__))
             return 0
-        cfg = load_config(args, task=task_name)
+        cfg = load_config(args, task=task_name, log=print if cli.is_main_rank() else None)
         cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
         if "print-config" in flags:
             return cli.print_config(cfg)

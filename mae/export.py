@@ -111,7 +111,7 @@ def describe_source(source: str | Path, opts: argparse.Namespace | None = None) 
 
         name = run_cfg.model.name if run_cfg.model.name.startswith("mae_") else "mae_" + run_cfg.model.name
         args = {**model_config(name), **model_overrides(run_cfg)}
-        for runtime_only in ("attn_backend", "grad_checkpointing"):
+        for runtime_only in ("attn_backend", "grad_checkpointing", "drop_path_rate"):
             args.pop(runtime_only, None)
         extras.update(
             mask_ratio=run_cfg.model.mask_ratio, mean=list(run_cfg.data.mean), std=list(run_cfg.data.std)

@@ -30,7 +30,6 @@ from timm.layers import trunc_normal_  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mae.build import build_vit  # noqa: E402
-from mae.config import ConfigError  # noqa: E402
 from mae.data import build_train_loader  # noqa: E402
 from mae.engine import Task, run_entry, seed_everything  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
@@ -71,8 +70,6 @@ class LinearProbe(nn.Module):
 
 def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     log = print if acc.is_main_process else (lambda *a, **k: None)
-    if cfg.train.fsdp:
-        raise ConfigError("train.fsdp=true: linear probing trains only the head, there is nothing to shard")
     data_kw = dict(img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, batch_size=cfg.train.batch_size)
     loader = build_train_loader(
         cfg.data,
@@ -84,8 +81,6 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         **data_kw,
     )
     num_classes = num_classes_of(cfg, loader)
-    if cfg.model.drop_path > 0:
-        raise ConfigError("model.drop_path must be 0 for linear probing (the encoder is frozen)")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     vit = build_vit(cfg, num_classes)
     init_encoder(vit, cfg, log, keep_head=False)  # the probe brings its own head

@@ -1,5 +1,6 @@
 """What a first command gets: --help, --print-config, and train/val pairs that cannot be scored together."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import yaml
 from PIL import Image
 
 from mae import finetune, linprobe, pretrain
+from mae.cli import key_docs
 from mae.config import RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +51,13 @@ def test_help_of_every_entry_point_lists_its_own_recipes(task, capsys):
         expected = [n for n in stems if n.startswith(task + "_")]
     assert listed == expected and all(first_comment(n)[:40] in out for n in expected)
     assert f"usage: python mae/{task}.py" in out
-    assert ("model.init" in out) == (task != "pretrain") and ("log.knn_every_steps" in out) == (
-        task == "pretrain"
-    )
+    # every key the entry point reads is shown, and none that it refuses
+    from mae.config import READS
+
+    shown = set(re.findall(r"\b((?:model|data|train|checkpoint|log)\.\w+)", out.split("recipes:\n")[1]))
+    base_keys = {k for k in key_docs() if "." in k}
+    assert shown & base_keys == READS[task] & base_keys
+    assert "model.init" in out and ("log.knn_every_steps" in out) == (task == "pretrain")
 
 
 def test_help_as_a_module():

@@ -1,3 +1,4 @@
+import re
 import pytest
 import yaml
 
@@ -108,3 +109,47 @@ def test_compile_choices_and_what_auto_means(monkeypatch):
     assert config.resolve_compile("auto", "cuda") == ("default", "train.compile=auto on cuda")
     monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
     assert config.resolve_compile("auto", "cuda") == (None, "train.compile=auto: Triton is not installed")
+
+
+def _base_keys() -> dict:
+    from mae.config import _flatten, _load_yaml
+
+    return _flatten(_load_yaml(RECIPES_DIR / "base.yaml"))
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe"])
+def test_every_base_key_is_read_or_refused_by_each_entry_point(task):
+    """Walks recipes/base.yaml: a key added later is either in READS of an entry point or refused by it."""
+    import json
+
+    from mae.config import READS
+
+    for key, default in _base_keys().items():
+        arg = f"{key}={json.dumps(default) if not isinstance(default, str) else default}"
+        if key in READS[task]:
+            if key != "train.betas":
+                load_config([arg], task=task)
+            continue
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)} is not read by {task} \(read by: "):
+            load_config([arg], task=task)
+
+
+def test_every_base_key_has_a_reader_and_every_reader_key_exists():
+    from mae.config import READS
+
+    keys = set(_base_keys())
+    assert all(any(k in r for r in READS.values()) for k in keys)
+    assert set().union(*READS.values()) <= keys
+
+
+def test_recipe_keys_are_checked_against_the_task_and_synthetic_gets_a_note():
+    with pytest.raises(ConfigError, match=r"recipe demo.yaml: model.norm_pix_loss is not read by finetune"):
+        load_config(["recipe=demo"], task="finetune")
+    with pytest.raises(ConfigError, match="train.betas is not read with train.optimizer=lars"):
+        load_config(["recipe=linprobe_demo", "train.betas=[0.9,0.99]"], task="linprobe")
+    notes = []
+    load_config(["data.train=synthetic", "data.hflip=false"], task="pretrain", log=notes.append)
+    assert len(notes) == 1 and "data.hflip" in notes[0]
+    notes.clear()
+    load_config(["recipe=demo"], task="pretrain", log=notes.append)  # fashion-mnist: crops and flips apply
+    assert notes == []

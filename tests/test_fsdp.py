@@ -227,4 +227,4 @@ def test_linear_probing_refuses_fsdp(tmp_path, capsys):
     rc = linprobe_main(["recipe=linprobe_demo", "train.fsdp=true", f"output_dir={tmp_path}"])
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: train.fsdp=true") and "\n" not in err
+    assert err.startswith("error: command line: train.fsdp is not read by linprobe") and "\n" not in err
