@@ -145,7 +145,9 @@ def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> li
                 f"{where}: {key} is not read by {task} (read by: {', '.join(by) or 'no entry point'}); remove it"
             )
         if key == "train.betas" and flat["train.optimizer"] == "lars":
-            raise ConfigError(f"{where}: train.betas is not read with train.optimizer=lars (AdamW's); remove it")
+            raise ConfigError(
+                f"{where}: train.betas is not read with train.optimizer=lars (AdamW's); remove it"
+            )
     notes = []
     ignored = [k for k in SYNTHETIC_IGNORES if k in explicit]
     if task == "pretrain" and str(flat["data.train"]).partition(":")[0] == "synthetic" and ignored:
