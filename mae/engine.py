@@ -33,7 +33,9 @@ from mae.config import ConfigError, Derived, check_compatible, derive, resolve_c
 from mae.meter import Meter, loader_hint
 from mae.optim import build_optimizer, lr_at, set_lr
 from mae.runlock import claim_output_dir
-from mae.runtime import STOP, StopExchange, fmt_time, peak_mem_gb, request_requeue
+from mae.runtime import STOP, StopExchange, fmt_time, peak_mem_gb, precision_reason, request_requeue
+
+PACE_STEPS = 5  # steps after the warm-up step before the first ETA is printed (when no log line came yet)
 
 
 class TrainingError(RuntimeError):
@@ -301,7 +303,7 @@ class Trainer:
         self.log(
             f"{cfg.task}: {acc.num_processes} process(es) on {acc.device.type}"
             f"{' (FSDP: parameters, gradients and optimizer state sharded)' if self.sharded else ''}, "
-            f"precision {acc.mixed_precision}; "
+            f"precision {acc.mixed_precision}{precision_reason(cfg.train.precision, acc.device.type)}; "
             f"effective batch {d.effective_batch} = {cfg.train.batch_size} x {cfg.train.grad_accum} accum x "
             f"{d.world_size}; lr {d.lr:.3g} (blr {cfg.train.blr:g} x {d.effective_batch}/256"
             f"{', overridden by train.lr' if cfg.train.lr > 0 else ''}); {d.steps_per_epoch} steps/epoch, "
@@ -427,6 +429,9 @@ class Trainer:
         row = {}
         if self.step % cfg.log.every_steps == 0 or final or monitor_due or eval_due:
             row = self._log_row(meter)
+        elif self.step == meter.start_step + 1 + PACE_STEPS and self.step < cfg.log.every_steps:
+            per_step, eta = meter.pace(self.step)  # the first ETA, long before the first log line
+            self.log(f"pace: {per_step:.2f} s/step over {PACE_STEPS} steps; ETA {fmt_time(eta)}")
         with meter.paused():
             if monitor_due:
                 row.update(task.monitor(self.raw_model, self.step))

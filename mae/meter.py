@@ -71,6 +71,14 @@ class Meter:
         finally:
             self.paused_s += time.perf_counter() - t
 
+    def pace(self, step: int) -> tuple[float, float] | None:
+        """(seconds per step, ETA) over the steps since the warm-up, pauses left out, without starting a new
+        window; None before the first step after the warm-up."""
+        if not self.steps:
+            return None
+        per_step = max(time.perf_counter() - self.t0 - self.paused_s, 0.0) / self.steps
+        return per_step, per_step * (self.total - step)
+
     def read(self, step: int) -> Reading:
         """The window since the last read (a log at the very first step times the warm-up itself), then
         start a new one."""

@@ -37,6 +37,15 @@ def resolve_precision(precision: str, on_cuda: bool) -> str:
     return precision
 
 
+def precision_reason(requested: str, device_type: str) -> str:
+    """Why train.precision=auto chose what it did on a CPU, for the start line ("" otherwise)."""
+    if requested != "auto" or device_type != "cpu":
+        return ""
+    if cpu_supports_bf16():
+        return " (auto: this CPU has avx512_bf16/AMX, bf16 autocast runs natively)"
+    return " (auto: this CPU has no avx512_bf16 or AMX, where bf16 is emulated and slower; fp32 it is)"
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
         "1",

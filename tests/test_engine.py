@@ -249,3 +249,29 @@ def test_compile_true_compiles_and_logs_the_first_step_once(tmp_path, capsys):
     assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in seen)
     assert out.count("torch.compile: mode default (train.compile=true)") == 1
     assert out.count("torch.compile: first step took") == 1, out
+
+
+def test_the_start_line_says_why_the_cpu_runs_bf16_or_fp32(monkeypatch):
+    from mae import runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", on_cuda=False) == "bf16"
+    assert "avx512_bf16/AMX, bf16 autocast runs natively" in runtime.precision_reason("auto", "cpu")
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", on_cuda=False) == "fp32"
+    assert "no avx512_bf16 or AMX" in runtime.precision_reason("auto", "cpu")
+    assert runtime.precision_reason("bf16", "cpu") == "" and runtime.precision_reason("auto", "cuda") == ""
+
+
+def test_pace_reads_the_steps_since_the_warm_up_without_closing_the_window():
+    from mae.meter import Meter
+
+    m = Meter(total_steps=10, start_step=0, images_per_step=4)
+    assert m.pace(0) is None
+    m.step_done(1)  # warm-up
+    assert m.pace(1) is None
+    for s in (2, 3):
+        m.step_done(s)
+    per_step, eta = m.pace(3)
+    assert per_step >= 0 and eta == pytest.approx(per_step * 7)
+    assert m.steps == 2  # the log window still counts both steps
