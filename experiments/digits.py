@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "data":
         counts = write_folders(args.dir)
-        print(f"wrote {counts['train']} training and {counts['test']} test images to {args.dir}/{{train,test}}")
+        print(
+            f"wrote {counts['train']} training and {counts['test']} test images to {args.dir}/{{train,test}}"
+        )
     else:
         print(report(args.runs))
     return 0
