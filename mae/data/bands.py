@@ -50,8 +50,12 @@ def read_array(data: bytes, ext: str) -> tuple[np.ndarray, str]:
             raise ImageDecodeError(f"not a readable .npy array: {type(e).__name__}: {e}") from None
         if not isinstance(a, np.ndarray):
             raise ImageDecodeError("an .npz archive, not one .npy array")
-        return _by_shape(a, "npy")
-    return _read_tiff(data)
+        a, how = _by_shape(a, "npy")
+    else:
+        a, how = _read_tiff(data)
+    if 0 in a.shape:
+        raise ImageDecodeError(f"empty array ({how})")
+    return a, how
 
 
 def _by_shape(a: np.ndarray, what: str) -> tuple[np.ndarray, str]:
@@ -111,8 +115,6 @@ def decode_bands(data: bytes, ext: str, in_chans: int | None = None) -> torch.Te
     """Encoded .npy / TIFF bytes -> float32 (C, H, W) in the model's scale (see `scale_array`). With
     `in_chans`, a file of another band count raises ImageDecodeError naming both numbers."""
     a, how = read_array(data, ext)
-    if a.shape[0] == 0 or a.shape[1] == 0 or a.shape[2] == 0:
-        raise ImageDecodeError(f"empty array ({how})")
     if in_chans is not None and a.shape[2] != in_chans:
         raise ImageDecodeError(band_mismatch(a.shape[2], in_chans, how))
     return torch.from_numpy(np.ascontiguousarray(scale_array(a).transpose(2, 0, 1)))
