@@ -24,6 +24,7 @@ from mae.data.bands import decode_bands
 from mae.data.transforms import build_transform, resolve_norm, sample_seed, seeded
 from mae.pretrain import main as pretrain
 from mae.viz import figure
+from tests.conftest import needs_fmnist
 from tests.test_data import data_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -378,3 +379,13 @@ def test_pretraining_a_tiny_model_on_a_4_band_npy_folder(tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_docs_quote_the_stats_tool_output_on_fashion_mnist(capsys):
+    """docs/data.md shows what `python -m data_tools.stats fashion-mnist` prints: the same lines."""
+    text = (ROOT / "docs" / "data.md").read_text()
+    quoted = text.split("```text\nfashion-mnist:", 1)[1].split("```", 1)[0]
+    assert stats.main(["fashion-mnist"]) == 0
+    assert capsys.readouterr().out == "fashion-mnist:" + quoted
