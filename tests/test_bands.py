@@ -354,7 +354,6 @@ def test_reconstruction_figure_shows_the_first_three_bands_or_band_zero(chans):
     assert pixel.tolist() == (want * 255 + 0.5).to(torch.uint8).tolist()
 
 
-@pytest.mark.slow
 def test_pretraining_a_tiny_model_on_a_4_band_npy_folder(tmp_path, capsys):
     write_files(tmp_path / "bands", "npy-uint16-hwc", 4, n=32)
     out = tmp_path / "run"
@@ -382,7 +381,6 @@ def test_pretraining_a_tiny_model_on_a_4_band_npy_folder(tmp_path, capsys):
 
 
 @needs_fmnist
-@pytest.mark.slow
 def test_docs_quote_the_stats_tool_output_on_fashion_mnist(capsys):
     """docs/data.md shows what `python -m data_tools.stats fashion-mnist` prints: the same lines."""
     text = (ROOT / "docs" / "data.md").read_text()
