@@ -137,18 +137,20 @@ def readers(key: str) -> list[str]:
 def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> list[str]:
     """Refuse a key set in the recipe or on the command line (`explicit`: key -> where it was set) that `task`
     does not read; returns the notes for keys that only the chosen data source leaves unused."""
-    reads = READS[task]
+    reads, notes = READS[task], []
     for key, where in explicit.items():
         if key not in reads:
             by = readers(key)
             raise ConfigError(
                 f"{where}: {key} is not read by {task} (read by: {', '.join(by) or 'no entry point'}); remove it"
             )
-        if key == "train.betas" and flat["train.optimizer"] == "lars":
+    if "train.betas" in explicit and flat["train.optimizer"] == "lars":
+        where = explicit["train.betas"]
+        if where == "command line":
             raise ConfigError(
-                f"{where}: train.betas is not read with train.optimizer=lars (AdamW's); remove it"
+                "command line: train.betas is not read with train.optimizer=lars (AdamW's); remove it"
             )
-    notes = []
+        notes.append(f"note: train.betas ({where}) is AdamW's; train.optimizer=lars does not use it")
     ignored = [k for k in SYNTHETIC_IGNORES if k in explicit]
     if task == "pretrain" and str(flat["data.train"]).partition(":")[0] == "synthetic" and ignored:
         notes.append(

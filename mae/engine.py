@@ -109,7 +109,14 @@ class Trainer:
         model_state, train_state, rng = ckpt.load_train_state(path, self.acc.process_index)
         fsdp.load_model_state(self.raw_model, model_state)
         del model_state
-        fsdp.load_optimizer_state(self.raw_model, self.optimizer, self.groups, train_state["optimizer"])
+        try:
+            changes = fsdp.load_optimizer_state(
+                self.raw_model, self.optimizer, self.groups, train_state["optimizer"]
+            )
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{path}: its optimizer state does not fit this run: {e}") from None
+        for line in changes:
+            self.log(line)
         if train_state.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(train_state["scaler"])
         self.step = int(train_state["step"])

@@ -25,12 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mae.weights import (
-    load_state_dict_any,
-    mae_args_from_hf_config,
-    mae_to_hf_state_dict,
-    read_hf_config,
-)
+from mae.weights import load_state_dict_any, mae_to_hf_state_dict, read_recorded
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TIMM_ARCH = {  # (embed_dim, depth, num_heads) -> timm architecture
@@ -85,41 +80,11 @@ def infer_mae_args(sd: dict, num_heads: int | None = None, decoder_num_heads: in
     return args
 
 
-def _run_config(source: Path):
-    """The run's config (OmegaConf) for a run dir, a checkpoint dir or a file inside one; else None."""
-    from mae.build import load_run_config
-
-    for d in [source, *source.parents][:3]:
-        if d.is_dir() and (d / "config.yaml").is_file():
-            return load_run_config(d)
-    return None
-
-
 def describe_source(source: str | Path, opts: argparse.Namespace | None = None) -> tuple[dict, dict, dict]:
     """(state dict in our names, MaskedAutoencoder arguments, extras: mask_ratio, mean, std)."""
-    src = Path(source)
-    sd = load_state_dict_any(src)
-    extras = dict(mask_ratio=0.75, mean=None, std=None)
-    hf_cfg, run_cfg = read_hf_config(src), _run_config(src)
-    own_cfg = src / "config.json" if src.is_dir() else src.parent / "config.json"
-    if hf_cfg is not None:
-        args = mae_args_from_hf_config(hf_cfg)
-        extras.update(mask_ratio=hf_cfg.get("mask_ratio", 0.75))
-    elif run_cfg is not None:
-        from mae.build import model_overrides
-        from mae.models import model_config
-
-        name = run_cfg.model.name if run_cfg.model.name.startswith("mae_") else "mae_" + run_cfg.model.name
-        args = {**model_config(name), **model_overrides(run_cfg)}
-        for runtime_only in ("attn_backend", "grad_checkpointing", "drop_path_rate"):
-            args.pop(runtime_only, None)
-        extras.update(
-            mask_ratio=run_cfg.model.mask_ratio, mean=list(run_cfg.data.mean), std=list(run_cfg.data.std)
-        )
-    elif own_cfg.is_file() and "mae_model_args" in (cfg := json.loads(own_cfg.read_text())):
-        args = dict(cfg["mae_model_args"])
-        extras.update({k: cfg[k] for k in ("mask_ratio", "mean", "std") if k in cfg})
-    else:
+    sd = load_state_dict_any(source)
+    args, extras = read_recorded(source)
+    if args is None:
         args = infer_mae_args(sd, getattr(opts, "num_heads", None), getattr(opts, "decoder_num_heads", None))
     if opts is not None:
         for key in ("num_heads", "decoder_num_heads", "norm_pix_loss"):

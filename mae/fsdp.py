@@ -109,18 +109,99 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: 
 
 def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dict], state: dict
-) -> None:
-    """Load a full optimizer state (keyed by name, or by index as `optimizer.state_dict()` writes it)."""
+) -> list[str]:
+    """Load a full optimizer state (keyed by name, or by index as `optimizer.state_dict()` writes it): each
+    parameter's state (moments, step counts) from `state`, the groups' settings (weight decay, betas, lr scale)
+    from the optimizer as this run built it, so a resumed run uses the values its config.yaml records. Returns
+    one line per setting that differs from the checkpoint's (empty when none does).
+
+    The parameter grouping may differ from the checkpoint's (layer decay switched on or off); another optimizer
+    (AdamW's moments into LARS) is an error."""
     names = _names(groups)
-    by_index = any(isinstance(g["params"][0], int) for g in state["param_groups"] if g["params"])
+    by_name = _by_name(state, _checkpoint_names(state, names)) if _by_index(state) else state
+    current = [{k: v for k, v in g.items() if k != "params"} for g in _inner(optimizer).param_groups]
+    changes = _changes(by_name["param_groups"], current, [g["names"] for g in groups])
+    merged = {
+        "state": by_name["state"],
+        "param_groups": [{**g, "params": list(gn["names"])} for g, gn in zip(current, groups)],
+    }
+    unknown = [n for n in merged["state"] if n not in set(names)]
+    if unknown:
+        raise ValueError(f"optimizer state for parameters this model lacks: {', '.join(unknown[:3])}")
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(
-            model, optimizer, _by_name(state, names) if by_index else state, options=_options()
+        set_optimizer_state_dict(model, optimizer, merged, options=_options())
+    else:
+        index = {n: i for i, n in enumerate(names)}
+        optimizer.load_state_dict(
+            {
+                "state": {index[n]: s for n, s in merged["state"].items()},
+                "param_groups": [
+                    {**g, "params": [index[n] for n in g["params"]]} for g in merged["param_groups"]
+                ],
+            }
         )
-        return
-    optimizer.load_state_dict(state if by_index else _by_index(state, names))
+    return changes
+
+
+# The optimizer-group settings that come from the config, and the key that sets them.
+_GROUP_SETTINGS = {
+    "weight_decay": "train.weight_decay",
+    "betas": "train.betas",
+    "lr_scale": "train.layer_decay",
+}
+
+
+def _changes(saved: list[dict], current: list[dict], current_names: list[list[str]]) -> list[str]:
+    """Lines naming each config key whose group settings differ between the checkpoint and this run."""
+    from mae.config import ConfigError
+
+    adamw = ["betas" in g for g in saved], ["betas" in g for g in current]
+    if saved and current and adamw[0][0] != adamw[1][0]:
+        was, now = ("adamw", "lars") if adamw[0][0] else ("lars", "adamw")
+        raise ConfigError(
+            f"train.optimizer={now}, but the checkpoint holds {was}'s state; resume with train.optimizer={was} "
+            "or start a new output_dir"
+        )
+    old = {n: g for g in saved for n in g["params"]}
+    out = []
+    for field, key in _GROUP_SETTINGS.items():
+        pairs = {
+            (_plain(old[n].get(field)), _plain(g.get(field)))
+            for g, ns in zip(current, current_names)
+            for n in ns
+            if n in old
+        }
+        diff = sorted((a, b) for a, b in pairs if a != b)
+        if diff:
+            shown = ", ".join(f"{a} -> {b}" for a, b in diff[:3]) + (" ..." if len(diff) > 3 else "")
+            out.append(
+                f"{key} changed since the checkpoint ({field} {shown}): the resumed optimizer uses the new value"
+            )
+    return out
+
+
+def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(round(float(x), 10) for x in v)
+    return round(float(v), 10) if isinstance(v, (int, float)) else v
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _by_index(state: dict) -> bool:
+    return any(isinstance(g["params"][0], int) for g in state["param_groups"] if g["params"])
+
+
+def _checkpoint_names(state: dict, names: list[str]) -> list[str]:
+    """An index-keyed state's parameter names: the checkpoint had this run's parameters in this order."""
+    count = sum(len(g["params"]) for g in state["param_groups"])
+    if count != len(names):
+        raise ValueError(f"optimizer state for {count} parameters, the model has {len(names)}")
+    return names
 
 
 def _names(groups: list[dict]) -> list[str]:
@@ -131,15 +212,4 @@ def _by_name(state: dict, names: list[str]) -> dict:
     return {
         "state": {names[i]: s for i, s in state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-
-
-def _by_index(state: dict, names: list[str]) -> dict:
-    index = {n: i for i, n in enumerate(names)}
-    unknown = [n for g in state["param_groups"] for n in g["params"] if n not in index]
-    if unknown:
-        raise ValueError(f"optimizer state for parameters this model lacks: {', '.join(unknown[:3])}")
-    return {
-        "state": {index[n]: s for n, s in state["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
     }

@@ -3,6 +3,11 @@ each image's patches that it does not see; checkpoints, metrics and reconstructi
 
     accelerate launch mae/pretrain.py recipe=vit_base data.train='shards/train-{000000..001023}.tar'
     python mae/pretrain.py recipe=demo                       # Fashion-MNIST, minutes on a laptop CPU
+    python mae/pretrain.py recipe=demo model.init=runs/demo data.train=/data/my_images   # continue on yours
+
+model.init starts from released or earlier weights (a run, a reference .pth, a Hugging Face ViTMAE
+directory, a timm export): the decoder too when the source has one, adapted to the run's channels, image and
+patch size; optimizer, schedule and step start fresh.
 
 Every key is in recipes/base.yaml; re-running the same command in the same output_dir resumes.
 """
@@ -34,6 +39,7 @@ from mae.evaluation import extract_features, knn_top1, mean_patch_features  # no
 from mae.fsdp import enabled as fsdp_enabled  # noqa: E402
 from mae.fsdp import is_sharded  # noqa: E402
 from mae.optim import param_groups  # noqa: E402
+from mae.transfer import init_encoder  # noqa: E402
 from mae.viz import save_reconstructions  # noqa: E402
 
 
@@ -116,8 +122,10 @@ def reconstruction_hook(cfg: DictConfig, acc: Accelerator, data_kw: dict):
 
 
 def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
+    log = print if acc.is_main_process else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
+    init_encoder(model, cfg, log)  # model.init: before any data is read, so a bad source fails fast
     seed_everything(cfg.seed, acc.process_index)
     data_kw = dict(img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, batch_size=cfg.train.batch_size)
     loader = build_train_loader(

@@ -22,33 +22,43 @@ from mae.fsdp import is_sharded, model_state
 
 BEST = "checkpoint-best"
 NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match
+MAE_NEW = (
+    "decoder",
+    "mask_token",
+    "norm.",
+)  # what pretraining may start fresh: the decoder, a classifier's norm
 
 
 def load_init(
     model: nn.Module, source: str, log=print, keep_head: bool = True
 ) -> tuple[list[str], list[str]]:
-    """Load `model.init` (a run dir, a checkpoint dir, a reference `.pth`, a timm file) into the ViT's
-    encoder; position tables are interpolated (bicubic) when the patch grid differs; a classifier head of
-    the model's shape is kept (keep_head). Returns and prints (missing, unexpected) keys; the head (and
-    fc_norm under global pooling) may be missing, and any other missing or unexpected key (another depth,
-    say) is an error."""
+    """Load `model.init` into the model: a MaskedAutoencoder (pretraining: the encoder, and the decoder when
+    the source has one) or a ViT (transfer: the encoder; a classifier head of the model's shape is kept with
+    keep_head). Every source kind of mae.weights, adapted to the model's channels, patch and image size
+    (mae.adapt, one line per adaptation). Returns and prints (missing, unexpected) keys; what may be missing is
+    the task's own new parts (the head and fc_norm of a classifier, the decoder of a MAE), anything else
+    (another depth, say) is an error, as is a size that cannot be adapted (exit 2)."""
     if not source:
         log("model.init is empty: random initialisation (training from scratch)")
         return [], []
     if not os.path.exists(source):
         raise ConfigError(f"model.init={source!r}: no such file or directory")
-    from mae.weights import load_encoder_into_vit
+    from mae.adapt import ArchitectureMismatch, load_weights
 
     try:
-        missing, unexpected = load_encoder_into_vit(model, source, verbose=False, keep_head=keep_head)
+        result = load_weights(model, source, keep_head=keep_head)
     except ConfigError:
         raise
+    except ArchitectureMismatch as e:
+        raise ConfigError(f"model.init={source!r}: {e}") from e
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"model.init={source!r} cannot be loaded into {type(model).__name__}: {first}"
         ) from e
-    stray = [k for k in (*missing, *unexpected) if not k.startswith(NEW_OR_DROPPED)]
+    missing, unexpected = result.missing, result.unexpected
+    new = MAE_NEW if hasattr(model, "decoder_pred") else NEW_OR_DROPPED
+    stray = [k for k in missing if not k.startswith(new)] + unexpected
     if stray:
         what = "lacks" if stray[0] in missing else "has extra"
         more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
@@ -57,18 +67,28 @@ def load_init(
             "set model.name / depth / embed_dim / patch_size to the checkpoint's"
         )
     log(f"initialised from {source}")
+    for note in result.notes:
+        log(f"  {note}")
     if keep_head and isinstance(getattr(model, "head", None), nn.Linear) and "head.weight" not in missing:
         log(f"  classifier head kept from {source} (its {model.head.out_features} classes match)")
-    log(f"  missing keys (newly initialised): {', '.join(missing) or 'none'}")
-    log(f"  unexpected keys (ignored): {', '.join(unexpected) or 'none'}")
+    log(f"  missing keys (newly initialised): {_listing(missing)}")
+    log(f"  unexpected keys (ignored): {_listing(unexpected)}")
     return list(missing), list(unexpected)
+
+
+def _listing(keys: list[str], n: int = 8) -> str:
+    """Keys for a log line: all of a short list; the first few and a count of a long one (a fresh decoder)."""
+    if len(keys) <= n:
+        return ", ".join(keys) or "none"
+    return f"{', '.join(keys[:n])} and {len(keys) - n} more"
 
 
 def init_encoder(model: nn.Module, cfg: DictConfig, log=print, keep_head: bool = True) -> None:
     """load_init(model.init), unless this run resumes: its checkpoint holds the weights (and model.init may
     have moved since)."""
     if cfg.checkpoint.resume and latest_checkpoint(cfg.output_dir) is not None:
-        log(f"resuming in {cfg.output_dir}: weights come from its checkpoint, model.init is not read")
+        if cfg.model.init:
+            log(f"resuming in {cfg.output_dir}: weights come from its checkpoint, model.init is not read")
         return
     load_init(model, cfg.model.init, log, keep_head)
 

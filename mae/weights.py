@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +28,53 @@ _DECODER_PREFIXES = ("decoder", "mask_token")  # MAE-only keys (ours and the ref
 # ----------------------------------------------------------------------------------------------------------
 # files and directories
 
+# Weight files of a directory, in the order they are looked for: ours and timm's / Hugging Face's safetensors,
+# Hugging Face's sharded indexes, the pickled `pytorch_model.bin`.
+_DIR_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
-def resolve_weights_file(path: str | Path) -> Path:
-    """The weights file behind `path`: a file itself; `model.safetensors` in a directory; in a training run
-    directory (has `config.yaml`) the latest checkpoint's `model.safetensors`."""
+
+def resolve_weights_files(path: str | Path) -> list[Path]:
+    """The weights file(s) behind `path`: a file itself; in a directory the first of `_DIR_FILES` (a sharded
+    index gives its shards); in a training run directory (has `config.yaml`) the latest checkpoint's."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"weights not found: {p}")
     if p.is_file():
-        return p
-    candidates = [p / "model.safetensors"]
+        return _shards(p) if p.name.endswith(".index.json") else [p]
+    candidates = [p / name for name in _DIR_FILES]
     if (p / "config.yaml").exists():
         checkpoints = sorted(c for c in p.glob("checkpoint-*") if c.name != "checkpoint-last")
         candidates = [p / "checkpoint-last" / "model.safetensors"]
         candidates += [c / "model.safetensors" for c in reversed(checkpoints)] + [p / "model.safetensors"]
     for c in candidates:
         if c.is_file():
-            return c
+            return _shards(c) if c.name.endswith(".index.json") else [c]
     raise FileNotFoundError(
         f"no weights in {p}: looked for {', '.join(str(c.relative_to(p)) for c in candidates)}"
     )
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """The first weights file behind `path` (see resolve_weights_files)."""
+    return resolve_weights_files(path)[0]
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a Hugging Face `*.index.json` names (its `weight_map`), in order."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a sharded-weights index (no weight_map): {e}") from None
+    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shard {missing[0].name}, which is not there")
+    return files
 
 
 def _torch_load(path: Path) -> object:
@@ -70,7 +96,7 @@ def _unwrap(obj: object, path: Path) -> StateDict:
         key = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
             raise ValueError(
-                f"{path}: no state dict found (top-level keys: {', '.join(map(str, list(obj)[:8]))})"
+                f"{path} holds no model weights (top-level keys: {', '.join(map(str, list(obj)[:8]))})"
             )
         obj = obj[key]
     if not isinstance(obj, Mapping):
@@ -84,22 +110,56 @@ def _unwrap(obj: object, path: Path) -> StateDict:
     return sd
 
 
+def _read_file(file: Path) -> StateDict:
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file), device="cpu")
+        except (SafetensorError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"cannot read {file} as safetensors (cut short or not weights?): {first}"
+            ) from None
+    if file.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return _unwrap(_torch_load(file), file)
+    raise ValueError(f"unsupported weights file {file}: expected .safetensors, .pth, .pt or .bin")
+
+
 def load_state_dict_any(path: str | Path) -> StateDict:
     """A state dict with our (= the reference's = timm's) key names from any supported source.
 
-    `path`: a `.safetensors` / `.pth` / `.pt` / `.bin` file; a directory holding `model.safetensors`;
-    a training run directory (its latest checkpoint); or a Hugging Face ViTMAE directory (converted).
+    `path`: a `.safetensors` / `.pth` / `.pt` / `.bin` file; a directory holding `model.safetensors` (or
+    Hugging Face's `pytorch_model.bin`, or sharded weights with their index); a training run directory (its
+    latest checkpoint); or a Hugging Face ViTMAE directory (converted). A Hugging Face directory of another
+    model type is refused.
     """
-    file = resolve_weights_file(path)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(file), device="cpu")
-    elif file.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        sd = _unwrap(_torch_load(file), file)
-    else:
-        raise ValueError(f"unsupported weights file {file}: expected .safetensors, .pth, .pt or .bin")
+    hf_type = _hf_model_type(path)
+    if hf_type not in (None, "vit_mae"):
+        raise ValueError(
+            f"{path} is a Hugging Face {hf_type!r} model directory; Hugging Face weights are read from ViTMAE "
+            "('vit_mae') directories"
+        )
+    sd: StateDict = {}
+    for file in resolve_weights_files(path):
+        sd.update(_read_file(file))
+    if not sd:
+        raise ValueError(f"{path} holds no tensors")
     return hf_to_mae_state_dict(sd) if is_hf_vitmae_state_dict(sd) else sd
+
+
+def _hf_model_type(path: str | Path) -> str | None:
+    """The `model_type` of a Hugging Face `config.json` beside `path` (None when there is none)."""
+    p = Path(path)
+    config = p / "config.json" if p.is_dir() else p.parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        cfg = json.loads(config.read_text())
+    except ValueError:
+        return None
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
 
 
 def read_hf_config(path: str | Path) -> dict | None:
@@ -240,99 +300,117 @@ def mae_args_from_hf_config(cfg: Mapping) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# loading into models
+# what a source records about its architecture
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int], num_extra_tokens: int = 1):
-    """(1, extra + S*S, D) -> (1, extra + gh*gw, D): bicubic resize of the patch rows, extra rows kept.
+def _run_config(source: Path):
+    """The run's config (OmegaConf) for a run dir, a checkpoint dir or a file inside one; else None."""
+    from mae.build import load_run_config
 
-    The reference's `interpolate_pos_embed` (square source grid, align_corners=False); here the target grid
-    may be non-square.
-    """
-    extra, tokens = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
-    size = int(round(tokens.shape[1] ** 0.5))
-    if size * size != tokens.shape[1]:
-        raise ValueError(f"pos_embed with {tokens.shape[1]} patch rows is not a square grid; cannot resize")
-    if (size, size) == tuple(grid_size):
-        return pos_embed
-    dtype = tokens.dtype
-    tokens = tokens.reshape(1, size, size, -1).permute(0, 3, 1, 2).float()
-    tokens = F.interpolate(tokens, size=tuple(grid_size), mode="bicubic", align_corners=False)
-    tokens = tokens.permute(0, 2, 3, 1).flatten(1, 2).to(dtype)
-    return torch.cat([extra, tokens], dim=1)
+    for d in [source, *source.parents][:3]:
+        if d.is_dir() and (d / "config.yaml").is_file():
+            return load_run_config(d)
+    return None
 
 
-def _few(keys: list[str], n: int = 6) -> str:
-    return "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"
+def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
+    """(architecture, extras) that a source records beside its weights: a run's config.yaml, a Hugging Face
+    ViTMAE config.json, or the config.json of our `--to mae` / `--to timm` exports. The architecture is given as
+    MaskedAutoencoder arguments (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio and, for
+    full models, the decoder's); None for a bare file. Extras: mask_ratio, mean, std where recorded."""
+    src = Path(source)
+    extras = dict(mask_ratio=0.75, mean=None, std=None)
+    hf_cfg, run_cfg = read_hf_config(src), _run_config(src)
+    own_cfg = src / "config.json" if src.is_dir() else src.parent / "config.json"
+    if hf_cfg is not None:
+        extras.update(mask_ratio=hf_cfg.get("mask_ratio", 0.75))
+        return mae_args_from_hf_config(hf_cfg), extras
+    if run_cfg is not None:
+        if "model" not in run_cfg or "name" not in run_cfg.model:
+            return None, extras
+        from mae.build import model_overrides
+        from mae.models import model_config
+
+        name = run_cfg.model.name
+        args = {**model_config(name), **model_overrides(run_cfg, for_mae=name.startswith("mae_"))}
+        for runtime_only in ("attn_backend", "grad_checkpointing", "drop_path_rate"):
+            args.pop(runtime_only, None)
+        if "data" in run_cfg:
+            extras.update(mean=list(run_cfg.data.mean), std=list(run_cfg.data.std))
+        extras.update(mask_ratio=run_cfg.model.get("mask_ratio", 0.75))
+        return args, extras
+    if not own_cfg.is_file():
+        return None, extras
+    try:
+        cfg = json.loads(own_cfg.read_text())
+    except ValueError:
+        return None, extras
+    if "mae_model_args" in cfg:
+        extras.update({k: cfg[k] for k in ("mask_ratio", "mean", "std") if k in cfg})
+        return dict(cfg["mae_model_args"]), extras
+    if "architecture" in cfg:  # a timm directory: our export (model_args) or timm's own config.json
+        pre = cfg.get("pretrained_cfg") or {}
+        extras.update(mean=pre.get("mean"), std=pre.get("std"))
+        return _timm_arch(cfg["architecture"], cfg.get("model_args") or {}), extras
+    return None, extras
 
 
-def _source_state_dict(source: str | Path | Mapping) -> tuple[StateDict, str]:
-    if isinstance(source, Mapping):
-        return dict(source), "state dict"
-    return load_state_dict_any(source), str(source)
+def _timm_arch(architecture: str, model_args: dict) -> dict | None:
+    """The sizes of a timm VisionTransformer, built on the meta device (no memory, no weights)."""
+    import timm
+
+    kw = {k: v for k, v in model_args.items() if k != "global_pool"}
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(architecture, pretrained=False, num_classes=0, **kw)
+    except Exception:
+        return None
+    if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
+        return None
+    return dict(
+        img_size=tuple(m.patch_embed.img_size),
+        patch_size=tuple(m.patch_embed.patch_size),
+        in_chans=m.patch_embed.proj.in_channels,
+        embed_dim=m.embed_dim,
+        depth=len(m.blocks),
+        num_heads=m.blocks[0].attn.num_heads,
+        mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.embed_dim,
+    )
 
 
-def _check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    """One-line errors for shape mismatches (load_state_dict lists them all in one long message)."""
-    own = model.state_dict()
-    w = sd.get("patch_embed.proj.weight")
-    if w is not None and w.shape[1] != own["patch_embed.proj.weight"].shape[1]:
-        raise ValueError(
-            f"{what} has {w.shape[1]} input channels, the model {own['patch_embed.proj.weight'].shape[1]} "
-            "(set in_chans to match the checkpoint)"
-        )
-    for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(
-                f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
-            )
+# ----------------------------------------------------------------------------------------------------------
+# loading into models (the rules live in mae.adapt)
 
 
 def load_encoder_into_vit(
     vit, source: str | Path | Mapping, verbose: bool = True, keep_head: bool = True
 ) -> tuple[list[str], list[str]]:
-    """Initialise a VisionTransformer's encoder from an MAE run / checkpoint, a reference-release file (full
-    or encoder-only), a timm state dict or file. Returns (missing, unexpected) keys.
+    """Initialise a VisionTransformer's encoder from any source (mae.adapt.load_weights): a run / checkpoint,
+    a reference-release file (full or encoder-only), a timm or Hugging Face source, a state dict. Returns
+    (missing, unexpected) keys; the adaptation notes are printed when `verbose`."""
+    from mae.adapt import load_weights
 
-    As the reference fine-tuning: a classifier head is loaded when its shape matches the model's (and
-    keep_head), dropped otherwise; under global pooling the pretrained final `norm` is dropped and `fc_norm`
-    starts fresh (unless the source has an `fc_norm`); a position table of another grid is resized
-    bicubically.
-    """
-    sd, what = _source_state_dict(source)
-    own = vit.state_dict()
-    head_fits = keep_head and all(
-        k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith("head.")
-    )
-    drop = (*_DECODER_PREFIXES,) if head_fits else (*_DECODER_PREFIXES, "head.")
-    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
-    if vit.global_pool and "fc_norm.weight" not in sd:
-        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
-    if "pos_embed" in sd:
-        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.grid_size)
-    _check_shapes(vit, sd, what)
-    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    result = load_weights(vit, source, keep_head=keep_head)
     if verbose:
-        print(f"loaded encoder from {what}: missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
-    return list(missing), list(unexpected)
+        for note in result.notes:
+            print(note)
+    return result.missing, result.unexpected
 
 
 def load_mae_weights(mae_model, source: str | Path | Mapping) -> None:
-    """Load full MAE weights (ours, a reference full file, a Hugging Face ViTMAE directory) with strict=True.
+    """Load full MAE weights (ours, a reference full file, a Hugging Face ViTMAE directory): every key of the
+    model must come from the source (an encoder-only source is an error here; mae.adapt.load_weights starts
+    its decoder fresh). The fixed sin-cos tables are functions of the grid: another image size gets its own."""
+    from mae.adapt import load_weights
 
-    The fixed sin-cos tables are functions of the grid: a source built for another image size keeps the
-    model's own tables.
-    """
-    sd, what = _source_state_dict(source)
-    own = mae_model.state_dict()
-    for k in ("pos_embed", "decoder_pos_embed"):
-        if k in sd and sd[k].shape != own[k].shape:
-            log.info("%s: %s built for another grid; keeping the model's own sin-cos table", what, k)
-            sd[k] = own[k]
-    _check_shapes(mae_model, sd, what)
-    missing, unexpected = mae_model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        hint = " (an encoder-only file: use load_encoder_into_vit)" if missing and not unexpected else ""
+    result = load_weights(mae_model, source)
+    if result.missing or result.unexpected:
+        hint = " (an encoder-only file: use load_encoder_into_vit)" if result.missing else ""
         raise ValueError(
-            f"{what} does not match the model: missing {_few(missing)}, unexpected {_few(unexpected)}{hint}"
+            f"{result.what} does not match the model: missing {_few(result.missing)}, "
+            f"unexpected {_few(result.unexpected)}{hint}"
         )
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"

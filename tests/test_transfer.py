@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from mae import checkpoint as ckpt
@@ -132,7 +133,8 @@ def test_init_of_another_depth_is_an_error_naming_the_blocks(tmp_path, pretraine
     source = init_sources(tmp_path, pretrained)["run_dir"]
     vit = build_vit(tiny_cfg("finetune_demo", f"model.depth={depth}"), 10)
     with pytest.raises(
-        ConfigError, match=f"model.init=.*(lacks|has extra) encoder weights blocks.{min(depth, 3)}"
+        ConfigError,
+        match=rf"model.init=.*: depth \(blocks\) is 3 in the source, {depth} in this model \(set model.depth",
     ):
         load_init(vit, str(source), log=lambda *a: None)
 
@@ -387,3 +389,48 @@ def test_eval_resize_follows_the_reference_above_224_px(img_size):
     steps = build_transform(cfg, "none", img_size, 3).transforms
     resize, crop = (next(t for t in steps if isinstance(t, kind)) for kind in (Resize, CenterCrop))
     assert (resize.size, crop.size) == (reference_eval_resize(img_size), (img_size, img_size))
+
+
+def _groups(out: Path) -> list[dict]:
+    return torch.load(out / "checkpoint-last" / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+
+
+def test_resume_applies_changed_optimizer_settings_and_says_so(tmp_path, capsys):
+    """Re-running with another weight decay, betas or layer decay (even switching layer decay off, which
+    regroups the parameters) resumes the moments and uses the new values, as config.yaml then records."""
+    out = tmp_path / "ft"
+    args = ["recipe=finetune_demo", *TINY_ARGS, f"output_dir={out}", "data.val=", "checkpoint.every_steps=2"]
+    assert finetune_main([*args, "train.max_steps=2"]) == 0
+    before = _groups(out)
+    assert {g["lr_scale"] for g in before} > {1.0} and {g["weight_decay"] for g in before} == {0.0, 0.05}
+    moments = torch.load(out / "checkpoint-last" / "state.pt", weights_only=True)["optimizer"]["state"]
+    changed = [
+        "train.max_steps=4",
+        "train.layer_decay=1.0",
+        "train.weight_decay=0.1",
+        "train.betas=[0.8,0.99]",
+    ]
+    assert finetune_main([*args, *changed, "checkpoint.every_steps=100", "train.lr=1e-30"]) == 0
+    log = capsys.readouterr().out
+    for key in ("train.weight_decay", "train.betas", "train.layer_decay"):
+        assert f"{key} changed since the checkpoint" in log, key
+    after = _groups(out)
+    assert {g["lr_scale"] for g in after} == {1.0} and {g["weight_decay"] for g in after} == {0.0, 0.1}
+    assert {tuple(g["betas"]) for g in after} == {(0.8, 0.99)}
+    state = torch.load(out / "checkpoint-last" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert all(state[n]["step"] == moments[n]["step"] + 2 for n in moments)  # the moments carried on
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (recorded["layer_decay"], recorded["weight_decay"], recorded["betas"]) == (1.0, 0.1, [0.8, 0.99])
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["recipe=finetune_demo", *TINY_ARGS, f"output_dir={out}", "data.val="]
+    assert finetune_main([*args, "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert finetune_main([*args, "train.max_steps=4", "train.optimizer=lars", "train.betas=[0.9,0.999]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.betas is not read with train.optimizer=lars" in err
+    assert finetune_main([*args, "train.max_steps=4", "train.optimizer=lars"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the checkpoint holds adamw's state" in err
