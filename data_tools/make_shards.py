@@ -4,8 +4,8 @@
         [--max-shard-bytes 1G] [--resize S] [--format keep|jpg|png] [--quality 95] [--seed 0 | --no-shuffle]
         [--workers N] [--progress | --no-progress] [--overwrite]
 
-Writes OUTPUT_DIR/PREFIX-000000.tar ... (members KEY.jpg|png|..., KEY.cls when labelled, KEY.json with the
-source path), dataset.json (the manifest the loader reads) and classes.json. Each shard is written as
+Writes OUTPUT_DIR/PREFIX-000000.tar ... (members KEY.jpg|png|tif|npy|..., KEY.cls when labelled, KEY.json with
+the source path), dataset.json (the manifest the loader reads) and classes.json. Each shard is written as
 PREFIX-NNNNNN.tar.partial and renamed when complete; progress is recorded in .make_shards.json after each
 shard, so re-running the same command resumes an interrupted build, and a different command refuses.
 """
@@ -37,6 +37,7 @@ from mae.data import (
     read_fashion_mnist,
     scan_folder,
 )
+from mae.data.bands import ext_of, is_array_ext, read_array, scale_array
 from mae.data.images import convert_image
 from mae.data.sources import parse_builtin
 
@@ -64,6 +65,7 @@ class Encoded:
     ext: str = ""
     data: bytes = b""
     error: str = ""
+    fatal: bool = False  # an error of the options, not of the input: the build stops (exit 2)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -150,6 +152,8 @@ def encode(job: tuple[int, Input, dict]) -> Encoded:
     pos, inp, opt = job
     out = Encoded(pos, inp.src, inp.label)
     try:
+        if inp.path is not None and is_array_ext(ext_of(inp.path)):
+            return _encode_array(out, inp.path, opt)
         if inp.pixels is not None:
             img, data, ext = Image.fromarray(inp.pixels), None, "png"
         else:
@@ -174,6 +178,74 @@ def encode(job: tuple[int, Input, dict]) -> Encoded:
     except (ImageDecodeError, OSError, ValueError) as e:
         out.error = str(e) or type(e).__name__
     return out
+
+
+def _encode_array(out: Encoded, path: str, opt: dict) -> Encoded:
+    """A TIFF / .npy input, validated as the loader reads it (mae.data.bands: layout, dtype, finite values):
+    packed as its own bytes; with --resize (shorter side above S) as an .npy of the shrunk array in the file's
+    dtype; with --format jpg|png as that image when an image can hold it (uint8 with 1, 3 or 4 bands, uint16
+    with 1), otherwise the build stops (the option cannot apply)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        ext = {"tiff": "tif"}.get(ext_of(path), ext_of(path))
+        a, how = read_array(data, ext)
+        scale_array(a)
+    except (ImageDecodeError, OSError) as e:
+        out.error = str(e) or type(e).__name__
+        return out
+    size, fmt = opt["resize"], opt["format"]
+    if size and min(a.shape[:2]) > size:
+        a, data = shrink_array(a, size), None
+    if fmt != "keep":
+        img = _array_image(a)
+        if img is None:
+            out.error, out.fatal = (
+                f"{how} ({a.dtype}) cannot be written as {fmt}; pack arrays with --format keep",
+                True,
+            )
+            return out
+        out.ext, out.data = fmt, _encode_image(img, fmt, opt["quality"])
+    elif data is None:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        out.ext, out.data = "npy", buf.getvalue()
+    else:
+        out.ext, out.data = ext, data
+    return out
+
+
+def shrink_array(a: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) -> shorter side `size`: antialiased bicubic (the loaders' resize) on float32, integers rounded
+    and clipped back to their dtype, bool thresholded at 0.5."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = a.shape[:2]
+    scale = size / min(h, w)
+    shape = [max(1, round(h * scale)), max(1, round(w * scale))]
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+    r = (
+        F.resize(t, shape, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        .numpy()
+        .transpose(1, 2, 0)
+    )
+    if a.dtype == np.bool_:
+        return r > 0.5
+    if a.dtype.kind in "ui":
+        info = np.iinfo(a.dtype)
+        return np.clip(np.rint(r), info.min, info.max).astype(a.dtype)
+    return r.astype(a.dtype)
+
+
+def _array_image(a: np.ndarray) -> Image.Image | None:
+    """The PIL image of an (H, W, C) array an image format can hold, or None."""
+    c = a.shape[2]
+    if a.dtype == np.uint8 and c in (1, 3, 4):
+        return Image.fromarray(np.ascontiguousarray(a[:, :, 0] if c == 1 else a))  # L, RGB, RGBA
+    if a.dtype == np.uint16 and c == 1:
+        return Image.fromarray(np.ascontiguousarray(a[:, :, 0]))
+    return None
 
 
 def _normal_mode(img: Image.Image) -> Image.Image:
@@ -324,6 +396,8 @@ def build(args) -> int:
     with _pool(args.workers) as imap:
         for e in imap(encode, jobs):
             bar.update(1)
+            if e.fatal:
+                raise UsageError(f"{e.src}: {e.error}")
             if e.error:
                 state["skipped"].append({"pos": e.pos, "path": e.src, "reason": e.error})
                 print(f"skipping {e.src}: {e.error}", file=sys.stderr)

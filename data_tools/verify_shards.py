@@ -4,8 +4,9 @@
 
 Reports missing or extra shards, samples per shard against the manifest, corrupt / truncated members and
 samples without an image or with a bad label (by shard and key), unfinished builds (.partial files), the
-label histogram, an image-size histogram and the per-channel mean/std. Exit code 1 when anything is wrong,
-2 on a usage error.
+label histogram, an image-size histogram and the per-channel mean/std (TIFF / .npy members: per band, in
+the loader's scale, and an error when their band counts differ). Exit code 1 when anything is wrong, 2 on a
+usage error.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from mae.data import IMAGE_EXTS, MANIFEST, ImageDecodeError, convert_image, decode_image, read_manifest
+from mae.data.bands import is_array_ext, read_array, scale_array
 
 SIZE_BINS = (32, 64, 128, 256, 384, 512, 768, 1024, 2048)
 
@@ -35,7 +37,8 @@ def _size_bin(w: int, h: int) -> str:
 def check_shard(path: str) -> dict:
     """Decode every sample of one shard. Returns counts, problems [(key, reason)], histograms, pixel sums."""
     out = {"name": os.path.basename(path), "samples": 0, "problems": [], "labels": Counter(), "sizes": Counter(),
-           "modes": Counter(), "n_pix": 0, "sum": np.zeros(3), "sumsq": np.zeros(3), "gray": True}  # fmt: skip
+           "modes": Counter(), "n_pix": 0, "sum": np.zeros(3), "sumsq": np.zeros(3), "gray": True,
+           "bands": {}}  # fmt: skip
     samples, order, reading = {}, [], None
     try:
         with tarfile.open(path, "r:") as tf:
@@ -76,6 +79,9 @@ def _check_sample(key: str, sample: dict, out: dict) -> None:
             out["labels"][int(sample["cls"])] += 1
         except ValueError:
             out["problems"].append((key, f"label is not an integer: {sample['cls'][:20]!r}"))
+    if is_array_ext(ext):
+        _check_array(key, ext, sample[ext], out)
+        return
     try:
         img = decode_image(sample[ext])
     except ImageDecodeError as e:
@@ -92,6 +98,26 @@ def _check_sample(key: str, sample: dict, out: dict) -> None:
     out["n_pix"] += len(a)
     out["sum"] += a.sum(0)
     out["sumsq"] += (a**2).sum(0)
+
+
+def _check_array(key: str, ext: str, data: bytes, out: dict) -> None:
+    """A TIFF / .npy member read as the loader reads it; its pixel statistics per band count, after scaling."""
+    try:
+        a, _ = read_array(data, ext)
+        x = scale_array(a).astype(np.float64).reshape(-1, a.shape[2])
+    except ImageDecodeError as e:
+        out["problems"].append((key, f"{ext}: {e}"))
+        return
+    c = a.shape[2]
+    out["sizes"][_size_bin(a.shape[1], a.shape[0])] += 1
+    out["modes"][f"{a.dtype}x{c}"] += 1
+    n, s, ss, first = out["bands"].get(c, (0, np.zeros(c), np.zeros(c), key))
+    out["bands"][c] = (n + len(x), s + x.sum(0), ss + (x**2).sum(0), first)
+
+
+def _stats(n: int, s: np.ndarray, ss: np.ndarray) -> tuple[list[float], list[float]]:
+    mean = s / max(n, 1)
+    return mean.tolist(), np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 0)).tolist()
 
 
 def verify(directory: str, workers: int) -> dict:
@@ -124,6 +150,7 @@ def verify(directory: str, workers: int) -> dict:
         np.zeros(3),
         True,
     )
+    bands = {}  # band count -> (pixels, sum, sum of squares, first sample) of the TIFF / .npy members
     for r in results:
         want = expected[r["name"]]
         if want is not None and want != r["samples"]:
@@ -133,6 +160,9 @@ def verify(directory: str, workers: int) -> dict:
         sizes.update(r["sizes"])
         modes.update(r["modes"])
         n_pix, s, ss, gray = n_pix + r["n_pix"], s + r["sum"], ss + r["sumsq"], gray and r["gray"]
+        for c, (n, bs, bss, first) in r["bands"].items():
+            m = bands.get(c, (0, 0.0, 0.0, f"{r['name']}: {first}"))
+            bands[c] = (m[0] + n, m[1] + bs, m[2] + bss, m[3])
     if manifest is not None:
         total = sum(r["samples"] for r in results)
         if (
@@ -145,12 +175,18 @@ def verify(directory: str, workers: int) -> dict:
         bad = [y for y in labels if num_classes and not 0 <= y < num_classes]
         if bad:
             errors.append(f"labels outside [0, {num_classes}): {sorted(bad)[:10]}")
+    if len(bands) > 1:
+        counts = ", ".join(f"{c} bands (first {bands[c][3]})" for c in sorted(bands))
+        errors.append(f"TIFF / .npy samples with different band counts: {counts}; a model takes one in_chans")
     c = 1 if gray else 3
-    mean = (s[:c] / max(n_pix, 1)).tolist()
-    std = np.sqrt(np.maximum(ss[:c] / max(n_pix, 1) - np.array(mean) ** 2, 0)).tolist()
+    mean, std = _stats(n_pix, s[:c], ss[:c])
+    band_stats = {c: dict(zip(("mean", "std"), _stats(*bands[c][:3]))) for c in sorted(bands)}
+    if n_pix == 0 and len(bands) == 1:  # arrays only: the dataset's statistics are theirs
+        mean, std = band_stats[next(iter(bands))]["mean"], band_stats[next(iter(bands))]["std"]
     return {"directory": directory, "shards": len(results), "samples": sum(r["samples"] for r in results),
             "labels": dict(sorted(labels.items())), "sizes": dict(sizes), "modes": dict(modes), "mean": mean,
-            "std": std, "classes": (manifest or {}).get("classes"), "errors": errors}  # fmt: skip
+            "std": std, "band_stats": band_stats, "images": n_pix > 0, "classes": (manifest or {}).get("classes"),
+            "errors": errors}  # fmt: skip
 
 
 def print_report(rep: dict) -> None:
@@ -165,12 +201,15 @@ def print_report(rep: dict) -> None:
         print("labels:  none (unlabelled)")
     print("shorter side:  " + "  ".join(f"{b}: {rep['sizes'][b]}" for b in _bin_order(rep["sizes"])))
     print("modes:  " + "  ".join(f"{m}={n}" for m, n in sorted(rep["modes"].items())))
-    print(
-        "mean:  "
-        + ", ".join(f"{v:.4f}" for v in rep["mean"])
-        + "   std:  "
-        + ", ".join(f"{v:.4f}" for v in rep["std"])
-    )
+    rows = [("", rep["mean"], rep["std"])] if rep["images"] or not rep["band_stats"] else []
+    rows += [(f" ({c} bands)", b["mean"], b["std"]) for c, b in rep["band_stats"].items()]
+    for what, mean, std in rows:
+        print(
+            f"mean{what}:  "
+            + ", ".join(f"{v:.4f}" for v in mean)
+            + "   std:  "
+            + ", ".join(f"{v:.4f}" for v in std)
+        )
     for e in rep["errors"][:200]:
         print(f"ERROR {e}")
     if len(rep["errors"]) > 200:

@@ -23,10 +23,7 @@ def model_overrides(cfg: DictConfig, for_mae: bool = True) -> dict:
     patch = m.patch_size or default_patch_size(m.name)
     if m.img_size % patch:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch}")
-    if len(cfg.data.mean) not in (1, m.in_chans) or len(cfg.data.std) not in (1, m.in_chans):
-        raise ConfigError(
-            f"data.mean/data.std have {len(cfg.data.mean)}/{len(cfg.data.std)} values but model.in_chans={m.in_chans}"
-        )
+    check_norm(cfg)
     kw = {"img_size": m.img_size, "in_chans": m.in_chans, "attn_backend": m.attn_backend}
     for k in ("patch_size", "embed_dim", "depth", "num_heads"):
         if m[k]:
@@ -41,6 +38,18 @@ def model_overrides(cfg: DictConfig, for_mae: bool = True) -> dict:
     if m.grad_checkpointing:
         kw["grad_checkpointing"] = True
     return kw
+
+
+def check_norm(cfg: DictConfig) -> None:
+    """data.mean / data.std against model.in_chans (mae.data.transforms.resolve_norm: one value per channel,
+    one value broadcast, ImageNet's three averaged for one channel), before any model or data is built."""
+    from mae.data import DataError
+    from mae.data.transforms import resolve_norm
+
+    try:
+        resolve_norm(cfg.data.mean, cfg.data.std, cfg.model.in_chans)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_mae(cfg: DictConfig):

@@ -44,12 +44,12 @@ def reconstruct(
 
 
 def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
-    """(C, H, W) normalised -> (H, W, 3) uint8."""
+    """(C, H, W) normalised -> (H, W, 3) uint8: channels 0-2 as RGB when C >= 3 (the first three bands of
+    multi-band data), channel 0 as grey below; values of the loader's [0, 1] scale, clipped."""
+    from mae.data.transforms import resolve_norm
+
     c = x.shape[0]
-    mean = (
-        torch.tensor(list(mean), dtype=torch.float32).expand(c).reshape(c, 1, 1)
-    )  # one value: every channel
-    std = torch.tensor(list(std), dtype=torch.float32).expand(c).reshape(c, 1, 1)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(c, 1, 1) for v in resolve_norm(mean, std, c))
     img = (x.float().cpu() * std + mean).clamp(0, 1)
     img = img[:3] if c >= 3 else img[:1].expand(3, -1, -1)
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
@@ -101,21 +101,26 @@ def save_reconstructions(
 
 
 def load_images(paths: list[str], img_size: int, in_chans: int, mean, std) -> torch.Tensor:
-    """Read image files for the figure: convert to the model's channels, resize + centre crop, normalise."""
-    from mae.data import convert_image, eval_transform
+    """Read image files for the figure as the loaders do (images converted to the model's channels, TIFF /
+    .npy read as bands, which must number in_chans), resize + centre crop, normalise. Raises ImageDecodeError."""
+    from mae.data import ImageDecodeError, eval_transform
+    from mae.data.bands import decode_sample, ext_of
+    from mae.data.transforms import resolve_norm
 
-    tf = eval_transform(img_size, mean, std, crop_pct=1.0)
+    tf = eval_transform(img_size, *resolve_norm(mean, std, in_chans), crop_pct=1.0)
     out = []
     for p in paths:
-        with Image.open(p) as im:
-            out.append(tf(convert_image(im, in_chans)))
+        try:
+            out.append(tf(decode_sample(Path(p).read_bytes(), ext_of(p), in_chans)))
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{p}: {e}") from None
     return torch.stack(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mae-viz", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="a pretraining run directory or one of its checkpoint directories")
-    ap.add_argument("images", nargs="+", help="image files (any size; RGB or grayscale)")
+    ap.add_argument("images", nargs="+", help="image files (any size; RGB or grayscale; TIFF / .npy bands)")
     ap.add_argument("--out", default="reconstruction.png", help="output PNG (default: %(default)s)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--seed", type=int, default=0, help="masking seed")
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mae.build import load_run_model
     from mae.config import ConfigError
+    from mae.data import DataError, ImageDecodeError
 
     try:
         model, cfg = load_run_model(args.checkpoint)
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ConfigError(f"image not found: {missing[0]}")
         imgs = load_images(args.images, cfg.model.img_size, cfg.model.in_chans, cfg.data.mean, cfg.data.std)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, DataError, ImageDecodeError, OSError) as e:
         print(f"mae-viz: error: {e}", file=sys.stderr)
         return 2
     path = save_reconstructions(

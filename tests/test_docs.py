@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from tests.conftest import needs_fmnist
@@ -45,7 +46,7 @@ BENCH = "--img-size 32 --batch 2 --steps 1 --warmup 1 --rounds 1 --matmul-size 1
 BENCH_MODEL = f"--model mae_vit_tiny_patch16 {BENCH}"  # ViT-B's init alone takes seconds per configuration
 
 # Paths that stand for the user's own data -> stand-ins the sandbox holds (a labelled folder of RGB images).
-USER_PATHS = {"/data/my_images": "my_images", "/data/images": "my_images"}
+USER_PATHS = {"/data/my_images": "my_images", "/data/images": "my_images", "/data/bands": "my_bands"}
 
 RUN = {
     # README.md
@@ -71,6 +72,12 @@ RUN = {
     "mae-bench --recipe demo --json demo.json": "{doc} --steps 1 --warmup 1 --rounds 1 --matmul-size 128",
     ".venv/bin/ruff check . && .venv/bin/ruff format --check .": "cd {root} && {doc}",
     # docs/data.md
+    "python -m data_tools.stats /data/bands --in-chans 4": "{doc}",
+    "python -m data_tools.stats fashion-mnist": "{doc}",
+    "python mae/pretrain.py recipe=vit_base data.train=/data/bands model.in_chans=4 "
+    "data.mean='[0.1123,0.1045,0.0987,0.2311]' data.std='[0.0543,0.0498,0.0512,0.0921]'":
+        f"{{doc}} output_dir=runs/doc_bands {VIT}",
+    "python -m data_tools.make_shards /data/bands shards_bands/": "{doc}",
     "python -m data_tools.bench": "{doc} --images 16 --size 64x48 --workers 1 --repeats 1 --batch-size 4",
     # docs/performance.md
     "mae-bench --batch 16 --dtype fp32,bf16 --attn math,sdpa": f"{{doc}} {BENCH_MODEL}",
@@ -240,6 +247,14 @@ def sandbox(tmp_path_factory):
         for i in range(6):
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(box / "my_images" / cls / f"{i}.jpg")
+    for cls in ("field", "forest"):  # 4-band 16-bit tiles, as .npy and as TIFF
+        (box / "my_bands" / cls).mkdir(parents=True)
+        for i in range(4):
+            bands = rng.integers(0, 65536, (40, 48, 4), dtype=np.uint16)
+            np.save(box / "my_bands" / cls / f"{i}.npy", bands)
+            tifffile.imwrite(
+                box / "my_bands" / cls / f"{i}.tif", bands, photometric="minisblack", planarconfig="contig"
+            )
     shutil.copy(box / "my_images" / "cat" / "0.jpg", box / "photo.jpg")
     Image.open(box / "my_images" / "dog" / "0.jpg").save(box / "other.png")
     return box

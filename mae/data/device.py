@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .images import BadSampleLog
-from .jpeg import DeferredCrop, decode_mode, resized_crop
+from .images import BadSampleLog, ImageDecodeError
+from .jpeg import DeferredCrop, crop_here, decode_mode, resized_crop
 
 
 @dataclass
@@ -47,8 +47,15 @@ class RawBatch:
         return sum(t.nbytes for t in tensors if t is not None)
 
 
-def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, int]) -> RawBatch:
-    """Worker side: samples (a (C, H, W) tensor, or a DeferredCrop) -> one RawBatch; an all-bad batch has B' = 0."""
+def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, int], norm=None,
+             badlog: BadSampleLog | None = None) -> RawBatch:  # fmt: skip
+    """Worker side: samples (a (C, H, W) tensor, or a DeferredCrop) -> one RawBatch; an all-bad batch has B' = 0.
+
+    Multi-band samples (TIFF / .npy) arrive normalised float32. When a batch holds them together with uint8
+    crops or encoded JPEGs (a folder that mixes both kinds), the others are decoded and normalised here with
+    `norm` = (mean, std), by the operations of `normalize`, so the whole batch is float32 and normalised."""
+    if norm is not None and any(_is_float(x) for x in items) and not all(_is_float(x) for x in items):
+        items, labels, n_bad = _all_normalised(items, labels, n_bad, shape, norm, badlog or BadSampleLog())
     done = [x for x in items if not isinstance(x, DeferredCrop)]
     pixels = torch.stack(done) if done else torch.empty(0, *shape, dtype=torch.uint8)
     batch = RawBatch(pixels, torch.tensor(labels, dtype=torch.int64), n_bad)
@@ -62,6 +69,28 @@ def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, 
         batch.deferred_at = torch.tensor([k for k, _ in deferred], dtype=torch.int64)
         batch.names = [x.name for _, x in deferred]
     return batch
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _all_normalised(items: list, labels: list[int], n_bad: int, shape, norm, badlog: BadSampleLog):
+    """Every item of a mixed batch as a normalised float32 (C, H, W): JPEGs left for the device are
+    decoded and cropped here (crop_here), uint8 crops normalised; a JPEG that does not decode is dropped."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in norm)
+    out, kept = [], []
+    for x, y in zip(items, labels):
+        if isinstance(x, DeferredCrop):
+            try:
+                x = crop_here(x, shape[0], shape[1])
+            except ImageDecodeError as e:
+                badlog(x.name, str(e))
+                n_bad += 1
+                continue
+        out.append(x if x.is_floating_point() else normalize(x[None], mean, std)[0])
+        kept.append(y)
+    return out, kept, n_bad
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger("mae.data")
 
-# File extensions read as images (lower case, no dot), in the order a shard member is looked up.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pbm", "tif", "tiff", "gif")
+# File extensions read as samples (lower case, no dot), in the order a shard member is looked up. TIFF and .npy
+# are arrays of any number of bands (mae.data.bands); the others are images Pillow reads.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pbm", "tif", "tiff", "gif", "npy")
 SUPPORTED_CHANS = (1, 3, 4)
 
 

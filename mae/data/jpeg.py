@@ -116,12 +116,15 @@ def crop_here(sample: DeferredCrop, in_chans: int, size: int) -> torch.Tensor:
 
 
 def worker_sample(data: bytes, in_chans: int, transform, draw: CropDraw | None, seed: int, to_device: bool,
-                  name: str = ""):  # fmt: skip
+                  name: str = "", ext: str = ""):  # fmt: skip
     """A worker's share of one sample, the transform's randomness seeded with `seed`. With `draw` (MAE crops),
     a JPEG is cropped by `resized_crop`: here (decoded with torchvision, 2x faster than PIL's decode + resize)
-    or, `to_device`, left encoded for the device (a DeferredCrop). Anything else: PIL and `transform`.
+    or, `to_device`, left encoded for the device (a DeferredCrop). A TIFF / .npy file (by `ext`) becomes a
+    float32 tensor of its bands (mae.data.bands), anything else a PIL image; then `transform`.
     Raises ImageDecodeError for bytes that are not a readable image."""
+    from .bands import decode_sample, is_array_ext
+
     with seeded(seed):
-        if draw is not None and (deferred := defer(data, in_chans, draw, name)) is not None:
+        if draw is not None and not is_array_ext(ext) and (deferred := defer(data, in_chans, draw, name)):
             return deferred if to_device else crop_here(deferred, in_chans, draw.size)
-        return transform(decode_image(data, in_chans))
+        return transform(decode_sample(data, ext, in_chans))

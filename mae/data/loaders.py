@@ -11,11 +11,20 @@ from functools import partial
 import numpy as np
 import torch
 
+from .bands import band_mismatch, decode_bands, is_array_ext, read_array
 from .device import Finisher, Prefetcher, RawBatch, assemble
-from .images import SUPPORTED_CHANS, BadSampleLog, ImageDecodeError
+from .images import SUPPORTED_CHANS, BadSampleLog, ImageDecodeError, decode_image
 from .jpeg import CropDraw, worker_sample
-from .shards import ShardStream, resolve_shards, shard_num_samples
-from .sources import DataError, SyntheticSource, balanced_order, is_shard_source, label_subset, map_source
+from .shards import ShardSet, ShardStream, first_shard_samples, resolve_shards, shard_num_samples
+from .sources import (
+    ArraySource,
+    DataError,
+    SyntheticSource,
+    balanced_order,
+    is_shard_source,
+    label_subset,
+    map_source,
+)
 from .transforms import build_transform, norm_stats, sample_seed, seeded
 
 log = logging.getLogger("mae.data")
@@ -45,8 +54,10 @@ class _MapDataset(torch.utils.data.Dataset):
         seed = sample_seed(self.seed, self.epoch, pos)
         try:
             if self.draw is not None:
-                data, name = self.source.read(i), self.source.name(i)
-                x = worker_sample(data, self.in_chans, self.transform, self.draw, seed, self.to_device, name)
+                data, name, ext = self.source.read(i), self.source.name(i), self.source.ext(i)
+                x = worker_sample(
+                    data, self.in_chans, self.transform, self.draw, seed, self.to_device, name, ext
+                )
             else:
                 img = self.source.load(i, self.in_chans)
                 with seeded(seed):
@@ -57,9 +68,14 @@ class _MapDataset(torch.utils.data.Dataset):
         return x, int(self.labels[i])
 
 
-def _collate(items, shape) -> RawBatch:
+def _collate(items, shape, norm, badlog) -> RawBatch:
     good = [it for it in items if it is not None]
-    return assemble([x for x, _ in good], [y for _, y in good], len(items) - len(good), shape)
+    return assemble([x for x, _ in good], [y for _, y in good], len(items) - len(good), shape, norm, badlog)
+
+
+def _map_loader(dataset: _MapDataset, workers: int, order: np.ndarray, bounds, shape, norm):
+    collate = partial(_collate, shape=shape, norm=norm, badlog=dataset.badlog)
+    return _data_loader(dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=collate)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -155,12 +171,54 @@ class EvalLoader:
 
 
 def _check(in_chans: int, batch_size: int, rank: int, world_size: int) -> None:
-    if in_chans not in SUPPORTED_CHANS:
-        raise DataError(f"model.in_chans={in_chans}: images convert to 1 (L), 3 (RGB) or 4 (RGBA) channels")
+    if in_chans < 1:
+        raise DataError(f"model.in_chans must be >= 1, got {in_chans}")
     if batch_size < 1:
         raise DataError(f"train.batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} outside world size {world_size}")
+
+
+PROBE_SAMPLES = 8  # samples read when a loader is built, to check model.in_chans against the data
+
+
+def probe_channels(source: str, src_or_shards, in_chans: int) -> str:
+    """Check model.in_chans against the data before training starts: "bands" (TIFF / .npy samples, whose band
+    count must equal in_chans) or "image" (images Pillow reads, converted to 1, 3 or 4 channels). The first
+    readable of the first PROBE_SAMPLES samples decides (for shards: of the first local shard; `pipe:` and
+    URL shards are not probed, their mismatching samples are skipped and counted). Raises DataError."""
+    if isinstance(src_or_shards, (ArraySource, SyntheticSource)):
+        if in_chans not in SUPPORTED_CHANS:
+            raise DataError(f"data source {source!r} has ordinary images, which convert to 1, 3 or 4 channels, "
+                            f"not model.in_chans={in_chans} (multi-band data: TIFF or .npy files)")  # fmt: skip
+        return "image"
+    if isinstance(src_or_shards, ShardSet):
+        samples = first_shard_samples(src_or_shards.urls[0], PROBE_SAMPLES)
+    else:
+        n = min(PROBE_SAMPLES, len(src_or_shards))
+        samples = ((src_or_shards.name(i), src_or_shards.ext(i), src_or_shards.read(i)) for i in range(n))
+    first = None
+    for name, ext, data in samples:
+        try:
+            if is_array_ext(ext):
+                a, how = read_array(data, ext)
+                if a.shape[2] != in_chans:
+                    raise DataError(
+                        f"data source {source!r}: {name} has {band_mismatch(a.shape[2], in_chans, how)}"
+                    )
+                decode_bands(data, ext)  # dtype and values
+                return "bands"
+            img = decode_image(data)
+            if in_chans not in SUPPORTED_CHANS:
+                raise DataError(f"data source {source!r}: {name} is an ordinary image (mode {img.mode}), which "
+                                f"converts to 1, 3 or 4 channels, not model.in_chans={in_chans} "
+                                "(multi-band data: TIFF or .npy files)")  # fmt: skip
+            return "image"
+        except (ImageDecodeError, OSError) as e:
+            first = first or f"{name}: {e}"
+    if first is None:
+        return "image"  # nothing to probe (a remote or empty shard)
+    raise DataError(f"data source {source!r}: none of its first samples is readable ({first})")
 
 
 def _num_classes(source) -> int:
@@ -197,13 +255,16 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
                        seed: int, rank: int, world_size: int) -> TrainLoader:  # fmt: skip
     """Training loader over any source (see docs/data.md). Map-style sources: every global step consumes the
     next batch_size x world_size positions of a per-(seed, epoch) permutation, rank r taking block r.
-    Workers hand over uint8 crops (normalised on the device) except under fine-tuning's float transforms."""
+    Workers hand over uint8 crops (normalised on the device) except under fine-tuning's float transforms and
+    for TIFF / .npy samples (float32 bands, normalised in the worker). model.in_chans is checked against the
+    first samples here (probe_channels), before anything trains or is written."""
     _check(in_chans, batch_size, rank, world_size)
     transform = build_transform(cfg, augment, img_size, in_chans, uint8=augment != "finetune")
     decode = resolve_decode(cfg, source, augment)
     draw = CropDraw(img_size, (float(cfg.scale_min), 1.0), bool(cfg.hflip)) if augment == "mae" else None
     to_device = decode == "device"
-    finish = Finisher(*norm_stats(cfg, in_chans), img_size, in_chans)
+    norm = norm_stats(cfg, in_chans)
+    finish = Finisher(*norm, img_size, in_chans)
     shape, workers = (in_chans, img_size, img_size), int(cfg.num_workers)
     per_step = batch_size * world_size
     if is_shard_source(source):
@@ -211,6 +272,7 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
             raise DataError(f"data.label_fraction < 1 is not supported for shard sources ({source!r}); "
                             "build shards from the subset instead")  # fmt: skip
         shards = resolve_shards(source)
+        _note_augment(cfg, augment, in_chans, probe_channels(source, shards, in_chans))
         num_samples = shard_num_samples(shards, source, int(cfg.epoch_samples))
         steps = _steps(num_samples, per_step, source)
 
@@ -219,13 +281,14 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
                                  batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                                  train=True, steps=steps, start_step=start_step, resampled=bool(cfg.resampled),
                                  shuffle_buffer=int(cfg.shuffle_buffer), draw=draw,
-                                 to_device=to_device)  # fmt: skip
+                                 to_device=to_device, norm=norm)  # fmt: skip
             return _data_loader(stream, workers, batch_size=None)
 
         return TrainLoader(num_samples=num_samples, steps_per_epoch=steps, num_classes=shards.num_classes,
                            make=make, finish=finish, decode=decode)  # fmt: skip
 
     src = map_source(cfg, source, img_size=img_size, train=True)
+    _note_augment(cfg, augment, in_chans, probe_channels(source, src, in_chans))
     subset = np.arange(len(src))
     if float(cfg.label_fraction) < 1.0:
         subset = label_subset(np.asarray(src.labels), float(cfg.label_fraction), SUBSET_SEED)
@@ -243,12 +306,16 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
         if drawn_on_device:  # nothing to load: the indices are the batch
             return (_synthetic_batch(src, order[a:b]) for a, b in bounds)
         dataset = _MapDataset(src, transform, in_chans, seed, epoch, draw, to_device)
-        return _data_loader(
-            dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=partial(_collate, shape=shape)
-        )
+        return _map_loader(dataset, workers, order, bounds, shape, norm)
 
     return TrainLoader(num_samples=num_samples, steps_per_epoch=steps, num_classes=_num_classes(src), make=make,
                        finish=finish, decode=decode)  # fmt: skip
+
+
+def _note_augment(cfg, augment: str, in_chans: int, kind: str) -> None:
+    if kind == "bands" and augment == "finetune" and str(cfg.auto_augment or "") and in_chans in (1, 3):
+        log.warning("data.auto_augment=%s is not applied to TIFF / .npy samples (RandAugment is RGB-only); "
+                    "they get crop, flip and random erasing", cfg.auto_augment)  # fmt: skip
 
 
 def _synthetic_batch(src: SyntheticSource, indices: np.ndarray) -> RawBatch:
@@ -272,26 +339,27 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
     max_samples > 0: the first max_samples of a fixed class-balanced order (a k-NN memory bank)."""
     _check(in_chans, batch_size, rank, world_size)
     transform = build_transform(cfg, "none", img_size, in_chans, uint8=True)
-    finish = Finisher(*norm_stats(cfg, in_chans), img_size, in_chans)
+    norm = norm_stats(cfg, in_chans)
+    finish = Finisher(*norm, img_size, in_chans)
     shape, workers = (in_chans, img_size, img_size), int(cfg.num_workers)
     if is_shard_source(source):
         shards = resolve_shards(source)
+        probe_channels(source, shards, in_chans)
         total = shard_num_samples(shards, source)
         stream = ShardStream(shards, transform=transform, in_chans=in_chans, img_size=img_size, batch_size=batch_size,
                              seed=SUBSET_SEED, epoch=0, rank=rank, world_size=world_size, train=False,
-                             max_samples=max_samples)  # fmt: skip
+                             max_samples=max_samples, norm=norm)  # fmt: skip
         loader = _data_loader(stream, workers, batch_size=None)
         n = min(total, max_samples) if max_samples > 0 else total
         return EvalLoader(num_samples=n, num_classes=shards.num_classes, loader=loader, finish=finish)
 
     src = map_source(cfg, source, img_size=img_size, train=False)
+    probe_channels(source, src, in_chans)
     order = np.arange(len(src))
     if max_samples > 0:
         order = balanced_order(np.asarray(src.labels), SUBSET_SEED)[:max_samples]
     lo, hi = len(order) * rank // world_size, len(order) * (rank + 1) // world_size
     bounds = [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
     dataset = _MapDataset(src, transform, in_chans, SUBSET_SEED, 0)
-    loader = _data_loader(
-        dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=partial(_collate, shape=shape)
-    )
+    loader = _map_loader(dataset, workers, order, bounds, shape, norm)
     return EvalLoader(num_samples=len(order), num_classes=_num_classes(src), loader=loader, finish=finish)

@@ -188,6 +188,25 @@ def epoch_pieces(sizes: list[int], seed: int, epoch: int, begin: int, end: int) 
     return pieces
 
 
+def first_shard_samples(url: str, n: int) -> list[tuple[str, str, bytes]]:
+    """(name, image extension, bytes) of the first `n` samples of a local shard that have an image member;
+    [] for a remote shard (not opened here) or an unreadable one (the training stream reports it)."""
+    if not _is_local(url):
+        return []
+    out = []
+    try:
+        for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
+            sample = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
+            ext = image_member(sample)
+            if ext is not None:
+                out.append((f"{url}:{sample['__key__']}", ext, sample[ext]))
+            if len(out) >= n:
+                break
+    except Exception:  # a corrupt tar: counted and logged when the stream reads it
+        pass
+    return out
+
+
 def image_member(sample: dict) -> str | None:
     """The extension of the image member of a webdataset sample (jpg, png, ...), or None."""
     return next((e for e in IMAGE_EXTS if e in sample), None)
@@ -211,7 +230,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: ShardSet, *, transform, in_chans: int, img_size: int, batch_size: int, seed: int, epoch: int,
                  rank: int, world_size: int, train: bool, steps: int = 0, start_step: int = 0,
                  resampled: bool = False, shuffle_buffer: int = 0, max_samples: int = 0,
-                 draw: CropDraw | None = None, to_device: bool = False):  # fmt: skip
+                 draw: CropDraw | None = None, to_device: bool = False, norm=None):  # fmt: skip
         super().__init__()
         self.urls, self.sizes, self.transform, self.in_chans, self.batch_size = (
             shards.urls,
@@ -225,6 +244,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.resampled, self.shuffle_buffer, self.max_samples = resampled, shuffle_buffer, max_samples
         self.tar_errors, self.shape = 0, (in_chans, img_size, img_size)
         self.draw, self.to_device = draw, to_device  # MAE crops of JPEGs: mae.data.jpeg.worker_sample
+        self.norm = (
+            norm  # (mean, std): a batch mixing TIFF / .npy samples with images (mae.data.device.assemble)
+        )
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -355,11 +377,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                     )
                 label = int(sample["cls"]) if "cls" in sample else -1
                 seed = sample_seed(self.seed, self.epoch, self.rank, role, pos0 + j)
-                args = (self.in_chans, self.transform, self.draw, seed, self.to_device, name)
+                args = (self.in_chans, self.transform, self.draw, seed, self.to_device, name, ext)
                 items.append(worker_sample(sample[ext], *args))
             except (ImageDecodeError, ValueError) as e:
                 n_bad += 1
                 self.badlog(name, str(e))
                 continue
             labels.append(label)
-        return assemble(items, labels, n_bad, self.shape)
+        return assemble(items, labels, n_bad, self.shape, self.norm, self.badlog)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_EXTS, convert_image, decode_image
+from .bands import decode_sample, ext_of
+from .images import IMAGE_EXTS, convert_image
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = [
@@ -117,8 +118,12 @@ class FolderSource:
         with open(self.name(i), "rb") as f:
             return f.read()
 
-    def load(self, i: int, in_chans: int) -> Image.Image:
-        return decode_image(self.read(i), in_chans)
+    def ext(self, i: int) -> str:
+        return ext_of(self.paths[i].decode())
+
+    def load(self, i: int, in_chans: int):
+        """A PIL image in `in_chans` channels, or for a TIFF / .npy file a float32 (C, H, W) tensor."""
+        return decode_sample(self.read(i), self.ext(i), in_chans)
 
 
 @dataclass

@@ -19,16 +19,24 @@ BICUBIC = T.InterpolationMode.BICUBIC
 
 
 def norm_stats(cfg, in_chans: int) -> tuple[list[float], list[float]]:
-    """data.mean/std with one value per channel; one value is broadcast, and 3 values for 1-channel images
-    are averaged (the grey level of the ImageNet statistics)."""
-    mean, std = [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    """data.mean/std of `cfg` with one value per channel (see `resolve_norm`)."""
+    return resolve_norm(cfg.mean, cfg.std, in_chans)
+
+
+def resolve_norm(mean, std, in_chans: int) -> tuple[list[float], list[float]]:
+    """Normalisation with one value per channel: one value is broadcast, and 3 values for 1-channel images
+    are averaged (the grey level of the ImageNet statistics); any other length than in_chans is an error."""
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
     for key, vals in (("data.mean", mean), ("data.std", std)):
         if len(vals) not in (1, in_chans) and not (in_chans == 1 and len(vals) == 3):
             raise DataError(
-                f"{key} has {len(vals)} values but model.in_chans={in_chans}; give one per channel"
+                f"{key} has {len(vals)} values but model.in_chans={in_chans}; give one per channel "
+                "(python -m data_tools.stats computes them)"
             )
     if in_chans == 1 and len(mean) == 3:
-        mean, std = [sum(mean) / 3], [sum(std) / 3]
+        mean = [sum(mean) / 3]
+    if in_chans == 1 and len(std) == 3:
+        std = [sum(std) / 3]
     if len(mean) == 1:
         mean = mean * in_chans
     if len(std) == 1:
@@ -38,13 +46,28 @@ def norm_stats(cfg, in_chans: int) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+class SampleTransform(T.Compose):
+    """The transform of one augmentation for both kinds of samples: a PIL image goes through `transforms`
+    (torchvision on PIL, as before), a float32 (C, H, W) tensor of a TIFF / .npy file through `bands` (the
+    same geometry on tensors, any channel count), which always ends normalised."""
+
+    def __init__(self, transforms: list, bands: T.Compose):
+        super().__init__(transforms)
+        self.bands = bands
+
+    def __call__(self, x):
+        return self.bands(x) if isinstance(x, torch.Tensor) else super().__call__(x)
+
+
 def build_transform(cfg, augment: str, img_size: int, in_chans: int, uint8: bool = False):
     """PIL image (in_chans channels) -> float32 tensor (C, img_size, img_size), normalized; with `uint8`, the
     uint8 crop (C, img_size, img_size) instead, cast and normalised later on the device (mae.data.device).
+    A float32 (C, H, W) tensor (a TIFF / .npy sample) takes `band_transform`'s path and is always normalised.
 
     mae:      RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip, as the reference pretraining.
     finetune: timm's create_transform (RandAugment, random erasing) for RGB; grayscale goes through RGB for
-              RandAugment and back; RGBA gets crop + flip + erasing (RandAugment's ops are defined for RGB).
+              RandAugment and back; RGBA and multi-band tensors get crop + flip + erasing (RandAugment's ops
+              are defined for RGB).
     linprobe: the reference probe's single-draw RandomResizedCrop(scale=(scale_min, 1), bicubic) + flip.
     Every training crop honours data.scale_min (the reference: 0.2 pretraining, 0.08 fine-tuning / probing).
     none:     the eval transform: resize to img_size / crop_pct, center crop (eval_crop_pct).
@@ -54,24 +77,45 @@ def build_transform(cfg, augment: str, img_size: int, in_chans: int, uint8: bool
     mean, std = norm_stats(cfg, in_chans)
     flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
     tail = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]
+    bands = band_transform(cfg, augment, img_size, mean, std)
     if augment == "mae":
-        return T.Compose(
-            [
-                T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC),
-                *flip,
-                *tail,
-            ]
-        )
+        crop = T.RandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
+        return SampleTransform([crop, *flip, *tail], bands)
     if augment == "linprobe":
         crop = SingleDrawRandomResizedCrop(img_size, scale=(float(cfg.scale_min), 1.0), interpolation=BICUBIC)
-        return T.Compose([crop, *flip, *tail])
+        return SampleTransform([crop, *flip, *tail], bands)
     if augment == "finetune":
         if uint8:
             raise ValueError(
                 "the fine-tuning transform normalises in the worker (RandAugment, erasing): no uint8"
             )
-        return _finetune_transform(cfg, img_size, in_chans, mean, std)
+        return SampleTransform(_finetune_transform(cfg, img_size, in_chans, mean, std).transforms, bands)
     return eval_transform(img_size, mean, std, cfg.crop_pct, uint8=uint8)
+
+
+def band_transform(cfg, augment: str, img_size: int, mean, std) -> T.Compose:
+    """The augmentation of multi-band tensors (C, H, W) float32, unnormalised -> (C, img_size, img_size)
+    normalised: the crops, flips and resizes of the PIL transforms (same RNG calls, so the same boxes for
+    the same seed), bicubic with antialias on floats (no clamping or rounding). Fine-tuning gets crop, flip
+    and random erasing; RandAugment is RGB-only and is not applied (the loader says so once)."""
+    flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
+    scale = (float(cfg.scale_min), 1.0)
+    norm = T.Normalize(mean, std)
+    if augment in ("mae", "finetune"):
+        steps = [
+            T.RandomResizedCrop(img_size, scale=scale, interpolation=BICUBIC, antialias=True),
+            *flip,
+            norm,
+        ]
+        if augment == "finetune" and float(cfg.reprob) > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            steps.append(RandomErasing(float(cfg.reprob), mode="pixel", max_count=1, device="cpu"))
+        return T.Compose(steps)
+    if augment == "linprobe":
+        crop = SingleDrawRandomResizedCrop(img_size, scale=scale, interpolation=BICUBIC, antialias=True)
+        return T.Compose([crop, *flip, norm])
+    return _band_eval(img_size, mean, std, cfg.crop_pct)
 
 
 def eval_crop_pct(crop_pct: float, img_size: int) -> float:
@@ -81,12 +125,19 @@ def eval_crop_pct(crop_pct: float, img_size: int) -> float:
     return 224 / 256 if img_size <= 224 else 1.0
 
 
-def eval_transform(img_size: int, mean, std, crop_pct: float = 0.0, uint8: bool = False):
+def eval_transform(img_size: int, mean, std, crop_pct: float = 0.0, uint8: bool = False) -> SampleTransform:
     """Resize the shorter side to img_size / crop_pct (bicubic), center crop img_size, normalize (or, with
-    `uint8`, leave the uint8 crop for the device)."""
+    `uint8`, leave the uint8 crop of a PIL image for the device; multi-band tensors are normalised here)."""
     size = int(img_size / eval_crop_pct(crop_pct, img_size))
     tail = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose([T.Resize(size, interpolation=BICUBIC), T.CenterCrop(img_size), *tail])
+    steps = [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(img_size), *tail]
+    return SampleTransform(steps, _band_eval(img_size, mean, std, crop_pct))
+
+
+def _band_eval(img_size: int, mean, std, crop_pct: float) -> T.Compose:
+    size = int(img_size / eval_crop_pct(crop_pct, img_size))
+    resize = T.Resize(size, interpolation=BICUBIC, antialias=True)
+    return T.Compose([resize, T.CenterCrop(img_size), T.Normalize(mean, std)])
 
 
 def _posterize(img, bits_to_keep, **__):
