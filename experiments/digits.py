@@ -6,7 +6,8 @@
 `data` writes DIR/train/<digit>/*.png (1,297 images) and DIR/test/<digit>/*.png (50 of each digit, 500): the
 8x8 scans (values 0..16) scaled to 0..255 and resized to 28 px (bicubic), the size of the demo encoder's input,
 an ordinary image folder as a user would bring one. `report` reads the runs the docs' commands leave under
-RUNS (digits_{continued,scratch}, their fine-tunes and probes) and prints the markdown table.
+RUNS (digits_{continued,scratch}, the fine-tunes and probes of those and of the demo encoder) and prints the
+markdown table.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from PIL import Image
 
 TEST_PER_CLASS = 50
 SIZE = 28
-PRETRAININGS = {"continued": "Fashion-MNIST demo, then digits", "scratch": "digits only (random init)"}
+PRETRAININGS = {  # run-name suffix: what the encoder was pretrained on
+    "continued": "Fashion-MNIST demo, continued on digits",
+    "scratch": "digits only, from random init",
+    "demo": "Fashion-MNIST demo only (no digits)",
+}
 
 
 def write_folders(out: Path, seed: int = 0) -> dict:
@@ -64,7 +69,7 @@ def report(runs: Path) -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, what in PRETRAININGS.items():
-        knn = _last(runs / f"digits_{name}", "knn_top1")
+        knn = _last(runs / f"digits_{name}", "knn_top1")  # the demo-only encoder has no digits monitor
         ft = _last(runs / f"digits_finetune_{name}", "top1")
         lp = _last(runs / f"digits_linprobe_{name}", "top1")
         lines.append(f"| {what} | {fmt(knn)} | {fmt(ft)} | {fmt(lp)} |")

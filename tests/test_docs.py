@@ -64,6 +64,8 @@ RUN = {
     "python -m data_tools.verify_shards shards/": "{doc}",
     "accelerate launch mae/pretrain.py recipe=vit_base data.train=shards/":
         f"{{doc}} output_dir=runs/doc_vit_base_shard_dir {VIT}",
+    "python mae/pretrain.py recipe=demo model.init=runs/demo data.train=/data/my_images output_dir=runs/demo_mine":
+        f"{{doc}} {DEMO}",
     "python mae/finetune.py recipe=finetune_demo model.init=runs/demo": f"{{doc}} {TRANSFER}",
     "mae-export runs/demo out/timm --to timm": "{doc}",
     "mae-export runs/demo out/hf --to hf": "{doc}",
@@ -97,6 +99,27 @@ RUN = {
     "python mae/linprobe.py recipe=linprobe_demo model.init=runs/demo output_dir=runs/linprobe_demo":
         f"{{doc}} {TRANSFER}",
     "python mae/linprobe.py recipe=linprobe_demo output_dir=runs/linprobe_demo_scratch": f"{{doc}} {TRANSFER}",
+    # docs/transfer.md: continued pretraining on the digits
+    "python experiments/digits.py data data/digits":
+        "{doc}",
+    "python mae/pretrain.py recipe=demo model.init=runs/demo output_dir=runs/digits_continued data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false train.epochs=40 train.warmup_epochs=4 log.knn_every_steps=50 checkpoint.every_steps=100":
+        f"{{doc}} {DEMO}",
+    "python mae/pretrain.py recipe=demo output_dir=runs/digits_scratch data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false train.epochs=40 train.warmup_epochs=4 log.knn_every_steps=50 checkpoint.every_steps=100":
+        f"{{doc}} {DEMO}",
+    "python mae/finetune.py recipe=finetune_demo model.init=runs/digits_continued output_dir=runs/digits_finetune_continued data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false":
+        f"{{doc}} {TRANSFER}",
+    "python mae/finetune.py recipe=finetune_demo model.init=runs/digits_scratch output_dir=runs/digits_finetune_scratch data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false":
+        f"{{doc}} {TRANSFER}",
+    "python mae/finetune.py recipe=finetune_demo model.init=runs/demo output_dir=runs/digits_finetune_demo data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false":
+        f"{{doc}} {TRANSFER}",
+    "python mae/linprobe.py recipe=linprobe_demo model.init=runs/digits_continued output_dir=runs/digits_linprobe_continued data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false":
+        f"{{doc}} {TRANSFER}",
+    "python mae/linprobe.py recipe=linprobe_demo model.init=runs/digits_scratch output_dir=runs/digits_linprobe_scratch data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false":
+        f"{{doc}} {TRANSFER}",
+    "python mae/linprobe.py recipe=linprobe_demo model.init=runs/demo output_dir=runs/digits_linprobe_demo data.train=data/digits/train data.val=data/digits/test data.mean=[0.310] data.std=[0.349] data.hflip=false":
+        f"{{doc}} {TRANSFER}",
+    "python experiments/digits.py report runs":
+        "{doc}",
 }  # fmt: skip
 
 SUITE = "the test suite itself (this test is part of it); CI runs it (.ci/run)"
@@ -109,6 +132,8 @@ NOT_RUN = {
     "bash scripts/setup.sh && .venv/bin/python -m pytest": SUITE,
     "accelerate launch --multi_gpu --num_processes 8 mae/pretrain.py recipe=vit_large data.train=/data/shards":
         "8 GPUs; tests/test_pretrain.py runs the 2-process launch on the CPU",
+    "accelerate launch mae/pretrain.py recipe=vit_base model.init=mae_visualize_vit_base.pth data.train=/data/my_images":
+        "the reference release's weights are a download; tests/test_init.py loads reference-format files it writes",
     "accelerate launch mae/finetune.py recipe=finetune_vit_base model.init=runs/vit_base data.train=... data.val=...":
         PLACEHOLDERS,
     "accelerate launch mae/linprobe.py recipe=linprobe_vit_base model.init=runs/vit_base data.train=... data.val=...":

@@ -2,8 +2,10 @@
 and at each label fraction every fine-tune / probe run gets the same budget whatever its initialisation
 or lr."""
 
+import json
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import needs_fmnist
 
@@ -305,3 +307,31 @@ def test_report_puts_every_number_next_to_its_baselines(tmp_path):
     assert "  - CPU Y, 2 CPU cores, no GPU: 3.0 min (2 fine-tune / probe runs)." in text
     assert "  - machine not recorded: 0.5 min (the feature probes)." in text
     assert "; 1.0 min on GPU X (1 GPU, 16 CPU cores)." in text
+
+
+def test_digits_folders_and_report(tmp_path):
+    """experiments/digits.py: 1,297 + 500 class-balanced 28 px PNGs, and the table from the runs' last rows."""
+    pytest.importorskip("sklearn")
+    from PIL import Image
+
+    from experiments.digits import report, write_folders
+
+    assert write_folders(tmp_path / "digits") == {"train": 1297, "test": 500}
+    test = sorted((tmp_path / "digits" / "test").glob("*/*.png"))
+    assert len(test) == 500 and {p.parent.name for p in test} == {str(c) for c in range(10)}
+    assert all(len(list((tmp_path / "digits" / "test" / str(c)).glob("*.png"))) == 50 for c in range(10))
+    img = Image.open(test[0])
+    assert img.size == (28, 28) and img.mode == "L"
+    names = {p.name for p in (tmp_path / "digits" / "train").glob("*/*.png")}
+    assert not names & {p.name for p in test}  # disjoint splits
+    runs = tmp_path / "runs"
+    for name, rows in {
+        "digits_continued": [{"step": 50, "knn_top1": 80.0}, {"step": 200, "knn_top1": 91.5}],
+        "digits_finetune_continued": [{"step": 78, "top1": 93.25}],
+        "digits_linprobe_scratch": [{"step": 78, "top1": 40.0}],
+    }.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = report(runs).splitlines()
+    assert table[2] == "| Fashion-MNIST demo, continued on digits | 91.5 | 93.2 | - |"
+    assert table[3] == "| digits only, from random init | - | - | 40.0 |"
