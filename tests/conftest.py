@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,25 @@ TINY_MODEL = [
     "model.decoder_depth=1",
     "model.decoder_num_heads=2",
 ]
+
+
+# A small ViT on 28x28 Fashion-MNIST: seconds per run on a laptop CPU.
+TINY_FMNIST = [
+    "recipe=demo",
+    *TINY_MODEL,
+    "train.batch_size=16",
+    "train.precision=fp32",
+    "train.warmup_epochs=0.002",
+    "data.num_workers=0",
+    "log.every_steps=1",
+    "log.knn_every_steps=0",
+    "log.viz_images=0",
+]
+
+
+def rows(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # `python TWO_CPU_PROCESSES script args`: two synchronised processes on the CPU (gloo), with

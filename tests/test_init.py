@@ -12,23 +12,9 @@ from safetensors.torch import load_file, save_file
 from mae.export import main as export_main
 from mae.finetune import main as finetune_main
 from mae.pretrain import main
-from tests.conftest import TINY_MODEL, needs_fmnist
+from tests.conftest import TINY_FMNIST, TINY_MODEL, needs_fmnist, rows
 
-TINY = [
-    "recipe=demo",
-    *TINY_MODEL,
-    "train.batch_size=16",
-    "train.precision=fp32",
-    "train.warmup_epochs=0.002",
-    "data.num_workers=0",
-    "log.every_steps=1",
-    "log.knn_every_steps=0",
-    "log.viz_images=0",
-]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+TINY = TINY_FMNIST
 
 
 def first_loss(out: Path) -> float:

@@ -1,6 +1,5 @@
 """Pretraining end to end: outputs, exact resume, 2-process DDP on shards, command-line errors."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,26 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from mae.pretrain import main
-from tests.conftest import TINY_MODEL, TWO_CPU_PROCESSES, needs_fmnist
+from tests.conftest import TINY_FMNIST, TINY_MODEL, TWO_CPU_PROCESSES, needs_fmnist, rows
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# A small ViT on 28x28 Fashion-MNIST: seconds per run on a laptop CPU.
-TINY_FMNIST = [
-    "recipe=demo",
-    *TINY_MODEL,
-    "train.batch_size=16",
-    "train.precision=fp32",
-    "train.warmup_epochs=0.002",
-    "data.num_workers=0",
-    "log.every_steps=1",
-    "log.knn_every_steps=0",
-    "log.viz_images=0",
-]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(ckpt: Path) -> dict:

@@ -6,8 +6,7 @@ from PIL import Image
 from mae.models import create_mae
 from mae.viz import main as viz_main
 from mae.viz import reconstruct
-from tests.conftest import needs_fmnist
-from tests.test_pretrain import TINY_FMNIST
+from tests.conftest import TINY_FMNIST, needs_fmnist
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])
