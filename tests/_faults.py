@@ -52,6 +52,14 @@ def tiny_rgb(img_size: int = 16, patch_size: int = 8) -> list[str]:
     )
 
 
+def read_by(task: str, args: list[str]) -> list[str]:
+    """`args` without the key=value pairs that `task` does not read (it refuses them): a pretraining
+    command's tiny-model arguments reused for fine-tuning."""
+    from mae.config import READS
+
+    return [a for a in args if a.startswith("recipe=") or a.split("=")[0] in READS[task]]
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Environment of a training subprocess: one thread (as the in-process runs of the suite), not under
     SLURM, no wandb, unbuffered output."""

@@ -65,7 +65,7 @@ RUN = {
     "accelerate launch mae/pretrain.py recipe=vit_base data.train=shards/":
         f"{{doc}} output_dir=runs/doc_vit_base_shard_dir {VIT}",
     "python mae/pretrain.py recipe=demo model.init=runs/demo data.train=/data/my_images output_dir=runs/demo_mine":
-        f"{{doc}} {DEMO}",
+        f"{{doc}} {DEMO} train.batch_size=4",  # the stand-in folder holds 12 images
     "python mae/finetune.py recipe=finetune_demo model.init=runs/demo": f"{{doc}} {TRANSFER}",
     "mae-export runs/demo out/timm --to timm": "{doc}",
     "mae-export runs/demo out/hf --to hf": "{doc}",

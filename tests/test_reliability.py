@@ -34,6 +34,7 @@ from _faults import (
     last_logged_step,
     logged_steps,
     partial,
+    read_by,
     rows,
     snapshot,
     start,
@@ -380,7 +381,7 @@ def test_fine_tuning_survives_a_batch_of_only_bad_samples(tmp_path):
         (src / f"c{i}" / "good.png").write_bytes(_png(Image.new("RGB", (20, 20), rgb)))
         (src / f"c{i}" / "bad.png").write_bytes(b"")
     out = tmp_path / "run"
-    args = [a for a in tiny_rgb() if not a.startswith(("recipe=", "model.decoder"))] + [
+    args = [a for a in read_by("finetune", tiny_rgb()) if not a.startswith("recipe=")] + [
         "recipe=finetune_demo", "model.name=vit_tiny_patch16", f"data.train={src}", f"output_dir={out}",
         "train.batch_size=2", "train.max_steps=12", "data.val=",
     ]  # fmt: skip
@@ -562,7 +563,7 @@ def test_reference_format_weights_crafted_to_run_code_are_refused_unexecuted(tmp
     marker.unlink()
 
     out = tmp_path / "finetune"
-    args = [a for a in _fmnist() if a != "recipe=demo"] + [
+    args = [a for a in read_by("finetune", _fmnist()) if a != "recipe=demo"] + [
         "recipe=finetune_demo",
         "model.name=vit_tiny_patch16",
     ]
