@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from _faults import (
     last_logged_step,
     logged_steps,
     partial,
+    rows,
     start,
     uninterrupted,
     wait_until,
@@ -250,8 +252,13 @@ def test_two_process_group_sigterm_stops_every_rank_at_one_step_and_resumes(tmp_
     log, err = r.communicate(timeout=600)
     assert r.returncode == 0, err[-3000:]
 
+    # The ranks compare flags about every stop_check_s seconds: on a fast machine the default 1 s is more than
+    # the whole run, which then ends before the next exchange. A cadence of ~4 steps of the reference's pace
+    # keeps the stop inside the run on any machine and still exchanges less often than every step.
+    step_s = statistics.median(2 * 8 / r["img_per_s"] for r in rows(ref)[2:])
+    args = TWO_PROC + [f"checkpoint.stop_check_s={4 * step_s:.4f}"]
     out = tmp_path / "run"
-    p = launch_two(TWO_PROC + [f"output_dir={out}"])
+    p = launch_two(args + [f"output_dir={out}"])
     wait_until("step 4", lambda: last_logged_step(out) >= 4, p, timeout=300)
     signal_group(p, signal.SIGTERM)
     log, err = p.communicate(timeout=120)
@@ -267,7 +274,7 @@ def test_two_process_group_sigterm_stops_every_rank_at_one_step_and_resumes(tmp_
         f"stop flags compared {exchanges} times in {steps} steps"
     )
 
-    again = launch_two(TWO_PROC + [f"output_dir={out}"])
+    again = launch_two(args + [f"output_dir={out}"])
     log, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     assert f"resumed from {ckpt(out, step)} at step {step}" in log
