@@ -195,10 +195,11 @@ def load_weights(model: nn.Module, source: str | Path | Mapping, keep_head: bool
     if is_mae:
         sd = {k: v for k, v in sd.items() if not k.startswith(_CLASSIFIER)}
     else:
+        heads = getattr(model, "head_prefixes", ("head.",))  # the task's own output layers
         head_fits = keep_head and all(
-            k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith("head.")
+            k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith(heads)
         )
-        drop = _DECODER if head_fits else (*_DECODER, "head.")
+        drop = _DECODER if head_fits else (*_DECODER, *heads)
         sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
         if getattr(model, "global_pool", False) and "fc_norm.weight" not in sd:
             sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}

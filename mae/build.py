@@ -84,6 +84,42 @@ def build_vit(cfg: DictConfig, num_classes: int):
     )
 
 
+def build_segmenter(cfg: DictConfig, num_classes: int):
+    """The segmentation model of a `segment` config: the encoder of `model.name` with the chosen head."""
+    from mae.models import list_models
+    from mae.models.segmentation import SegmentationViT
+
+    name = vit_name(cfg.model.name)
+    if name not in list_models():
+        known = ", ".join(n for n in list_models() if n.startswith("vit_"))
+        raise ConfigError(f"model.name={cfg.model.name!r} is not a ViT; known: {known}")
+    from mae.models import model_config
+
+    kw = {**model_config(name), **model_overrides(cfg, for_mae=False)}
+    m = cfg.model
+    if m.seg_channels < 1 or m.aux_weight < 0:
+        raise ConfigError(
+            f"model.seg_channels must be >= 1 and model.aux_weight >= 0, got {m.seg_channels}, {m.aux_weight}"
+        )
+    if not all(isinstance(b, int) for b in m.seg_blocks):
+        raise ConfigError(
+            f"model.seg_blocks must be block numbers like [4, 6, 8, 12], got {list(m.seg_blocks)}"
+        )
+    try:
+        return SegmentationViT(
+            num_classes,
+            head=m.seg_head,
+            blocks=list(m.seg_blocks),
+            channels=m.seg_channels,
+            aux_weight=m.aux_weight,
+            freeze_encoder=cfg.train.freeze_encoder,
+            drop_path_rate=m.drop_path,
+            **kw,
+        )
+    except ValueError as e:
+        raise ConfigError(f"model.seg_blocks / model.seg_head: {e}") from None
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(checkpoint dir, run dir) for a run directory or one of its checkpoint directories."""
     p = Path(path)

@@ -158,6 +158,17 @@ def print_config(cfg) -> int:
 
     model_overrides(cfg)  # the model's own one-line errors (image vs patch size, channels)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.task == "segment":  # image / mask pairs
+        from mae.data.segmentation import SegTrainLoader, pair_source
+
+        d = cfg.data
+        src = pair_source(d.train, train=True, reduce_zero_label=d.reduce_zero_label, fmnist_dir=d.fmnist_dir)
+        spe = SegTrainLoader(src, None, in_chans=cfg.model.in_chans, num_classes=0, batch_size=cfg.train.batch_size,
+                             seed=cfg.seed, rank=0, world_size=world_size, workers=0,
+                             epoch_samples=d.epoch_samples).steps_per_epoch  # fmt: skip
+        if is_main_rank():
+            print(to_yaml(cfg, derive(cfg, world_size, spe)), end="")
+        return 0
     loader = build_train_loader(
         cfg.data,
         source=cfg.data.train,

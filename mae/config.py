@@ -19,7 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # train.compile: auto, on/off, or a torch.compile mode without CUDA graphs (mae-bench measures those too)
-CHOICES = {"train.compile": ("auto", "true", "false", "default", "max-autotune-no-cudagraphs")}
+CHOICES = {
+    "train.compile": ("auto", "true", "false", "default", "max-autotune-no-cudagraphs"),
+    "train.schedule": ("cosine", "poly"),
+    "train.eval_mode": ("whole", "slide"),
+    "model.seg_head": ("upernet", "linear"),
+}
 
 
 class ConfigError(ValueError):
@@ -103,12 +108,18 @@ _ALL_TASKS = (
     "data.resampled", "data.synthetic_samples", "data.label_fraction", "data.mean", "data.std", "data.scale_min",
     "data.hflip", "data.crop_pct",
     "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.blr", "train.lr",
-    "train.min_lr", "train.warmup_epochs", "train.weight_decay", "train.betas", "train.optimizer", "train.clip_grad",
+    "train.min_lr", "train.warmup_epochs", "train.warmup_steps", "train.schedule", "train.weight_decay", "train.betas", "train.optimizer", "train.clip_grad",
     "train.precision", "train.compile",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.resume", "checkpoint.max_requeues",
     "checkpoint.stop_check_s", "checkpoint.lock_wait_s",
     "log.every_steps", "log.wandb", "log.wandb_project", "log.tensorboard", "log.progress",
 )  # fmt: skip
+# Segmentation reads image / mask folders and its own scenes: none of the shard, label-subset, synthetic and
+# classification-crop keys.
+_SEGMENT_TASK = tuple(k for k in _ALL_TASKS if k not in (
+    "data.shuffle_buffer", "data.resampled", "data.synthetic_samples", "data.label_fraction", "data.scale_min",
+    "data.crop_pct",
+))  # fmt: skip
 READS: dict[str, frozenset[str]] = {
     "pretrain": frozenset((*_ALL_TASKS,
         "model.norm_pix_loss", "model.mask_ratio", "model.decoder_embed_dim", "model.decoder_depth",
@@ -123,10 +134,29 @@ READS: dict[str, frozenset[str]] = {
     "linprobe": frozenset((*_ALL_TASKS,
         "model.global_pool", "model.num_classes", "train.smoothing", "train.eval_every",
     )),
+    "segment": frozenset((*_SEGMENT_TASK,
+        "model.drop_path", "model.num_classes", "model.grad_checkpointing", "model.seg_head", "model.seg_blocks",
+        "model.seg_channels", "model.aux_weight", "data.reduce_zero_label", "data.resize", "data.ratio_range",
+        "data.cat_max_ratio", "data.photometric", "train.layer_decay", "train.eval_every", "train.eval_mode",
+        "train.eval_stride", "train.freeze_encoder",
+    )),
 }  # fmt: skip
 # Keys only some data sources use: set with another source they get a note, not an error (a recipe sets them for
 # real data; `synthetic` batches are drawn on the device, uncropped, unflipped, without loader workers).
 SYNTHETIC_IGNORES = ("data.scale_min", "data.hflip", "data.num_workers")
+
+
+def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, the setting that leaves it unused, what it belongs to) for keys another key's value turns off: set
+    on the command line they are refused, from a recipe (written for the other setting) they get a note."""
+    out = []
+    if flat["train.optimizer"] == "lars":
+        out.append(("train.betas", "train.optimizer=lars", "AdamW's"))
+    if flat.get("model.seg_head") == "linear":
+        out += [(k, "model.seg_head=linear", "UPerNet's") for k in ("model.seg_channels", "model.aux_weight")]
+    if flat.get("train.eval_mode") == "whole":
+        out.append(("train.eval_stride", "train.eval_mode=whole", "sliding-window evaluation's"))
+    return out
 
 
 def readers(key: str) -> list[str]:
@@ -144,13 +174,13 @@ def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> li
             raise ConfigError(
                 f"{where}: {key} is not read by {task} (read by: {', '.join(by) or 'no entry point'}); remove it"
             )
-    if "train.betas" in explicit and flat["train.optimizer"] == "lars":
-        where = explicit["train.betas"]
+    for key, setting, unused in _unused_with(flat):
+        if key not in explicit:
+            continue
+        where = explicit[key]
         if where == "command line":
-            raise ConfigError(
-                "command line: train.betas is not read with train.optimizer=lars (AdamW's); remove it"
-            )
-        notes.append(f"note: train.betas ({where}) is AdamW's; train.optimizer=lars does not use it")
+            raise ConfigError(f"command line: {key} is not read with {setting} ({unused}); remove it")
+        notes.append(f"note: {key} ({where}) is {unused}; {setting} does not use it")
     ignored = [k for k in SYNTHETIC_IGNORES if k in explicit]
     if task == "pretrain" and str(flat["data.train"]).partition(":")[0] == "synthetic" and ignored:
         notes.append(
@@ -161,7 +191,7 @@ def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> li
 
 
 def task_of_recipe(recipe: str | None) -> str:
-    """The entry point a recipe is written for, by its name: finetune_*, linprobe_*, else pretrain."""
+    """The entry point a recipe is written for, by its name: finetune_*, linprobe_*, segment_*, else pretrain."""
     stem = Path(recipe).stem if recipe else ""
     return next((t for t in READS if t != "pretrain" and stem.startswith(t + "_")), "pretrain")
 
@@ -289,7 +319,9 @@ def derive(cfg: DictConfig, world_size: int, loader_steps_per_epoch: int) -> Der
             f"than one epoch of data ({loader_steps_per_epoch} batches per process)"
         )
     total = t.max_steps if t.max_steps > 0 else int(math.ceil(t.epochs * steps_per_epoch))
-    warmup = min(int(round(t.warmup_epochs * steps_per_epoch)), total)
+    warmup = min(
+        t.warmup_steps if t.warmup_steps > 0 else int(round(t.warmup_epochs * steps_per_epoch)), total
+    )
     return Derived(
         world_size=world_size,
         effective_batch=effective_batch,
@@ -315,6 +347,9 @@ IDENTITY_KEYS = (
     "model.decoder_num_heads",
     "model.global_pool",
     "model.num_classes",
+    "model.seg_head",
+    "model.seg_blocks",
+    "model.seg_channels",
 )
 
 

@@ -396,7 +396,12 @@ class Trainer:
                     loss = task.loss_fn(self.model, images, labels, self.step, micro)
                 else:  # every sample was corrupt: a zero-gradient pass keeps the ranks in lockstep
                     dummy = images.new_zeros(2, *images.shape[1:])
-                    loss = task.loss_fn(self.model, dummy, labels.new_zeros(2), self.step, micro) * 0.0
+                    loss = (
+                        task.loss_fn(
+                            self.model, dummy, labels.new_zeros(2, *labels.shape[1:]), self.step, micro
+                        )
+                        * 0.0
+                    )
             if self.fault_nan_step == self.step + 1:
                 loss = loss * float("nan")
             acc.backward(loss / ga)
@@ -408,7 +413,8 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         cfg, d = self.cfg, self.derived
-        set_lr(self.optimizer, lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr))
+        lr = lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr, cfg.train.schedule)
+        set_lr(self.optimizer, lr)
         if cfg.train.clip_grad > 0:
             self.acc.clip_grad_norm_(self.params, cfg.train.clip_grad)
         self.optimizer.step()

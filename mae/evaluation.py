@@ -108,3 +108,35 @@ def mean_patch_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tens
         return model.forward_features(images)[:, 1:].mean(dim=1)
 
     return fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# semantic segmentation
+
+
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int = 255
+) -> torch.Tensor:
+    """(K, K) int64 counts, rows the true class, columns the predicted one; pixels labelled `ignore` left out."""
+    keep = target != ignore
+    idx = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(conf: torch.Tensor) -> dict:
+    """mIoU, mAcc, aAcc (percent) and per-class IoU / accuracy of a confusion matrix, as mmsegmentation's
+    IoUMetric: a class with no pixel in the truth and none predicted has no IoU (left out of the mean);
+    one never in the truth has no accuracy; a class only predicted scores IoU 0."""
+    conf = conf.double()
+    tp, truth, predicted = conf.diag(), conf.sum(1), conf.sum(0)
+    union = truth + predicted - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    acc = torch.where(truth > 0, tp / truth.clamp(min=1), torch.full_like(tp, float("nan")))
+    total = truth.sum()
+    return {
+        "miou": 100 * float(iou.nanmean()) if (union > 0).any() else float("nan"),
+        "macc": 100 * float(acc.nanmean()) if (truth > 0).any() else float("nan"),
+        "aacc": 100 * float(tp.sum() / total) if total > 0 else float("nan"),
+        "iou": [None if v != v else round(100 * float(v), 4) for v in iou],
+        "acc": [None if v != v else round(100 * float(v), 4) for v in acc],
+    }

@@ -12,7 +12,6 @@ best model so far is kept in output_dir/checkpoint-best/. Every key is in recipe
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not its siblings
@@ -27,32 +26,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from torch import nn  # noqa: E402
 
 from mae.build import build_vit  # noqa: E402
 from mae.config import ConfigError  # noqa: E402
 from mae.data import build_train_loader  # noqa: E402
 from mae.engine import Task, run_entry, seed_everything  # noqa: E402
-from mae.models import layer_id  # noqa: E402
-from mae.optim import VIT_NO_DECAY, param_groups  # noqa: E402
-from mae.transfer import best_keeper, init_encoder, num_classes_of, val_evaluator  # noqa: E402
+from mae.transfer import (  # noqa: E402
+    best_keeper,
+    init_encoder,
+    layer_decay_groups,
+    num_classes_of,
+    val_evaluator,
+)
 
 # ----------------------------------------------------------------------------- fine-tuning
-
-
-def layer_decay_groups(model: nn.Module, cfg: DictConfig) -> list[dict]:
-    """BEiT layer-wise lr decay: lr_scale = layer_decay ** (depth + 1 - layer), embeddings layer 0,
-    block i layer i + 1, head and final norms layer depth + 1 (scale 1). No decay on 1-d parameters, the
-    cls token and the position table, as the reference fine-tuning."""
-    depth = len(model.blocks)
-    return param_groups(
-        model,
-        cfg.train.weight_decay,
-        layer_decay=cfg.train.layer_decay,
-        layer_id=partial(layer_id, depth=depth),
-        num_layers=depth + 1,
-        no_decay_names=VIT_NO_DECAY,
-    )
 
 
 def classification_loss(cfg: DictConfig, num_classes: int):

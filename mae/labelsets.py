@@ -79,7 +79,10 @@ def _has_image(folder: str) -> bool:
 
 
 def uses_val_labels(cfg: DictConfig) -> bool:
-    """Pretraining reads data.val's labels only for the k-NN monitor; fine-tuning and probing always."""
+    """Pretraining reads data.val's labels only for the k-NN monitor; fine-tuning and probing always;
+    segmentation reads masks, not class labels."""
+    if cfg.task == "segment":
+        return False
     return bool(cfg.data.val) and (cfg.task != "pretrain" or cfg.log.knn_every_steps > 0)
 
 

@@ -1,4 +1,4 @@
-"""Optimizers and schedules: parameter groups, layer-wise lr decay, AdamW / LARS, warmup + cosine."""
+"""Optimizers and schedules: parameter groups, layer-wise lr decay, AdamW / LARS, warmup + cosine or poly."""
 
 from __future__ import annotations
 
@@ -71,12 +71,27 @@ def build_optimizer(groups: list[dict], name: str, lr: float, betas=(0.9, 0.95))
     raise ValueError(f"train.optimizer={name!r}: expected adamw or lars")
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup to `peak_lr`, then half-cosine down to `min_lr`; a pure function of the step."""
+SCHEDULES = ("cosine", "poly")
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    peak_lr: float,
+    min_lr: float = 0.0,
+    schedule: str = "cosine",
+) -> float:
+    """Linear warmup to `peak_lr`, then down to `min_lr` by a half cosine or linearly ("poly", power 1, as
+    mmsegmentation's PolyLR after its warm-up); a pure function of the step."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "poly":
+        return min_lr + (peak_lr - min_lr) * (1.0 - progress)
+    if schedule != "cosine":
+        raise ValueError(f"train.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

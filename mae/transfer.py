@@ -57,7 +57,7 @@ def load_init(
             f"model.init={source!r} cannot be loaded into {type(model).__name__}: {first}"
         ) from e
     missing, unexpected = result.missing, result.unexpected
-    new = MAE_NEW if hasattr(model, "decoder_pred") else NEW_OR_DROPPED
+    new = MAE_NEW if hasattr(model, "decoder_pred") else getattr(model, "new_prefixes", NEW_OR_DROPPED)
     stray = [k for k in missing if not k.startswith(new)] + unexpected
     if stray:
         what = "lacks" if stray[0] in missing else "has extra"
@@ -71,6 +71,8 @@ def load_init(
         log(f"  {note}")
     if keep_head and isinstance(getattr(model, "head", None), nn.Linear) and "head.weight" not in missing:
         log(f"  classifier head kept from {source} (its {model.head.out_features} classes match)")
+    if keep_head and hasattr(model, "decode_head") and "decode_head.conv_seg.weight" not in missing:
+        log(f"  segmentation head kept from {source} (its {model.seg_classes} classes match)")
     log(f"  missing keys (newly initialised): {_listing(missing)}")
     log(f"  unexpected keys (ignored): {_listing(unexpected)}")
     return list(missing), list(unexpected)
@@ -91,6 +93,26 @@ def init_encoder(model: nn.Module, cfg: DictConfig, log=print, keep_head: bool =
             log(f"resuming in {cfg.output_dir}: weights come from its checkpoint, model.init is not read")
         return
     load_init(model, cfg.model.init, log, keep_head)
+
+
+def layer_decay_groups(model: nn.Module, cfg: DictConfig) -> list[dict]:
+    """BEiT layer-wise lr decay: lr_scale = layer_decay ** (depth + 1 - layer), embeddings layer 0,
+    block i layer i + 1, heads and final norms layer depth + 1 (scale 1). No decay on 1-d parameters, the
+    cls token and the position table, as the reference fine-tuning."""
+    from functools import partial
+
+    from mae.models import layer_id
+    from mae.optim import VIT_NO_DECAY, param_groups
+
+    depth = len(model.blocks)
+    return param_groups(
+        model,
+        cfg.train.weight_decay,
+        layer_decay=cfg.train.layer_decay,
+        layer_id=partial(layer_id, depth=depth),
+        num_layers=depth + 1,
+        no_decay_names=VIT_NO_DECAY,
+    )
 
 
 def num_classes_of(cfg: DictConfig, loader) -> int:
@@ -124,24 +146,25 @@ def val_evaluator(cfg: DictConfig, acc: Accelerator, data_kw: dict):
     return evaluate
 
 
-def best_keeper(cfg: DictConfig, acc: Accelerator, log=print):
-    """on_eval hook: the weights with the highest top-1 so far go to output_dir/checkpoint-best/
-    (written to a temp dir, then renamed; the best score so far is read back on resume)."""
+def best_keeper(cfg: DictConfig, acc: Accelerator, log=print, metric: str = "top1", label: str = "top-1"):
+    """on_eval hook: the weights with the highest `metric` so far (fine-tuning: top-1, segmentation: mIoU) go
+    to output_dir/checkpoint-best/ (written to a temp dir, then renamed; the best score so far is read back on
+    resume)."""
     out = Path(cfg.output_dir)
     meta_path = out / BEST / "meta.json"
     if acc.is_main_process and not (out / BEST).exists() and (out / f"{BEST}.old").is_dir():
         os.replace(out / f"{BEST}.old", out / BEST)  # a kill landed between the two renames of save_best
-    best = {"top1": json.loads(meta_path.read_text())["top1"] if meta_path.is_file() else float("-inf")}
+    best = {metric: json.loads(meta_path.read_text())[metric] if meta_path.is_file() else float("-inf")}
 
     def on_eval(model: nn.Module, metrics: dict, step: int) -> None:
-        if metrics["top1"] <= best["top1"]:
+        if metrics[metric] <= best[metric]:
             return
-        best["top1"] = metrics["top1"]
+        best[metric] = metrics[metric]
         if acc.is_main_process or is_sharded(model):  # sharded: every rank gathers, rank 0 writes
             state = model_state(model)
         if acc.is_main_process:
             save_best(out, state, {"step": step, "task": cfg.task, **metrics})
-            log(f"new best top-1 {metrics['top1']:.2f}% at step {step}: {out / BEST}")
+            log(f"new best {label} {metrics[metric]:.2f}% at step {step}: {out / BEST}")
 
     return on_eval
 

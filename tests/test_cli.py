@@ -9,12 +9,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from mae import finetune, linprobe, pretrain
+from mae import finetune, linprobe, pretrain, segment
 from mae.cli import key_docs
 from mae.config import RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-MAINS = {"pretrain": pretrain.main, "finetune": finetune.main, "linprobe": linprobe.main}
+MAINS = {
+    "pretrain": pretrain.main,
+    "finetune": finetune.main,
+    "linprobe": linprobe.main,
+    "segment": segment.main,
+}
 
 
 def first_comment(recipe: str) -> str:
@@ -39,14 +44,14 @@ def test_help_of_the_script_answers_without_importing_torch(flag):
     assert str(RECIPES_DIR / "base.yaml") in out and "--print-config" in out
 
 
-@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe"])
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment"])
 def test_help_of_every_entry_point_lists_its_own_recipes(task, capsys):
     assert MAINS[task](["--help"]) == 0
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.split("recipes:\n")[1].split("\n\n")[0].splitlines()]
     stems = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
     if task == "pretrain":
-        expected = [n for n in stems if not n.startswith(("finetune_", "linprobe_"))]
+        expected = [n for n in stems if not n.startswith(("finetune_", "linprobe_", "segment_"))]
     else:
         expected = [n for n in stems if n.startswith(task + "_")]
     assert listed == expected and all(first_comment(n)[:40] in out for n in expected)
