@@ -150,11 +150,18 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         f"segment: {num_classes} classes, {m.seg_head} head on blocks {model.out_blocks} ({what}), {len(src)} pairs"
     )
     aux = model.aux_weight
+
+    def loss_fn(net, images, masks, step, micro):
+        # BatchNorm needs 2 samples: a batch left with one good pair goes through twice (the same mean loss)
+        if images.shape[0] == 1:
+            images, masks = images.expand(2, -1, -1, -1), masks.expand(2, -1, -1)
+        return segmentation_loss(net(images), masks, aux)
+
     return Task(
         model=model.to(acc.device),
         groups=layer_decay_groups(model, cfg),
         loader=loader,
-        loss_fn=lambda net, images, masks, step, micro: segmentation_loss(net(images), masks, aux),
+        loss_fn=loss_fn,
         evaluate=seg_evaluator(cfg, acc, num_classes, log),
         on_eval=best_keeper(cfg, acc, log, metric="miou", label="mIoU"),
     )

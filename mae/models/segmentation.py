@@ -168,8 +168,8 @@ class SegmentationViT(VisionTransformer):
         if head == "upernet":
             self.neck = Feature2Pyramid(dim)
             self.decode_head = UPerHead(dim, channels, num_classes)
-            if self.aux_weight > 0:  # a third of UPerNet's channels: 256 for 768, as mmsegmentation
-                self.aux_head = FCNHead(dim, max(channels // 3, 16), num_classes)
+            if self.aux_weight > 0:  # a third of UPerNet's channels, at most 256 (mmsegmentation's)
+                self.aux_head = FCNHead(dim, max(min(channels // 3, 256), 16), num_classes)
         else:
             self.decode_head = LinearHead(dim, num_classes)
         for (
