@@ -5,10 +5,11 @@
 One MAE training step (bf16 autocast on CUDA) of the same weights, images and masks with attn_backend xformers
 and sdpa: the relative difference of the loss and of the whole gradient, and which ops ran. `ran_kernel` is
 true only when the torch.profiler trace of the xformers step holds an op of xformers' own namespaces
-(`xformers::`, `xformers_flash::`, `xformers_flash3::`): an import proves nothing, and xformers 0.0.35 may
-dispatch to PyTorch's own kernels (its `-pt` operators, `aten::_efficient_attention_forward`), which do not
-count. The operators its dispatcher picks are recorded by name too. Then both backends' steps are timed with
-mae-bench's step (eager, fused AdamW). Every outcome, failures included, is a JSON report; the exit code is 0.
+(`xformers::`, `xformers_flash::`, `xformers_flash3::`) and no PyTorch attention kernel: an import proves
+nothing, and xformers 0.0.35 may hand the work to PyTorch's own kernels (its `-pt` operators, which call
+`aten::_efficient_attention_forward` or `aten::_flash_attention_forward`, inside its own op for flash), which
+do not count. The operators its dispatcher picks are recorded by name too. Then both backends' steps are timed
+with mae-bench's step (eager, fused AdamW). Every outcome, failures included, is a JSON report; exit code 0.
 """
 
 from __future__ import annotations
@@ -31,12 +32,27 @@ from mae.models import Attention, create_mae  # noqa: E402
 from mae.models.backends import xformers_build  # noqa: E402
 
 XFORMERS_NAMESPACES = ("xformers", "xformers_flash", "xformers_flash3")
+# PyTorch's attention kernels (SDPA and the two it dispatches to, which xformers' '-pt' operators call)
+PYTORCH_ATTENTION = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_", "aten::_flash_attention_",
+                     "aten::_efficient_attention_")  # fmt: skip
 PATCH = {"tiny": 16, "small": 16, "base": 16, "large": 16, "huge": 14}
 
 
 def xformers_ops(names) -> list[str]:
     """The op names of xformers' own namespaces among profiler event names ('xformers_flash3::flash_fwd')."""
     return sorted({n for n in names if n.split("::")[0] in XFORMERS_NAMESPACES and "::" in n})
+
+
+def pytorch_attention_ops(names) -> list[str]:
+    """PyTorch's attention kernels among profiler event names."""
+    return sorted({n for n in names if n.startswith(PYTORCH_ATTENTION)})
+
+
+def ran_own_kernel(names) -> bool:
+    """An xformers step ran xformers' own kernel: an op of its namespaces, and no PyTorch attention kernel (the
+    model's every attention layer is on xformers, so one would be xformers handing the work to PyTorch)."""
+    names = list(names)
+    return bool(xformers_ops(names)) and not pytorch_attention_ops(names)
 
 
 def _one_line(e: BaseException) -> str:
@@ -94,6 +110,7 @@ def check(
         "dtype": dtype,
         "ran_kernel": False,
         "xformers_ops": [],
+        "pytorch_attention_ops": [],
         "dispatched": None,
         "loss_rel_diff": None,
         "grad_rel_diff": None,
@@ -118,13 +135,21 @@ def check(
                 loss, grads = _loss_and_grads(xf, images, noise, device, dtype)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-            report["xformers_ops"] = xformers_ops(e.key for e in prof.key_averages())
-            report["ran_kernel"] = bool(report["xformers_ops"])
+            names = [e.key for e in prof.key_averages()]
+            report["xformers_ops"], report["pytorch_attention_ops"] = (
+                xformers_ops(names),
+                pytorch_attention_ops(names),
+            )
+            report["ran_kernel"] = ran_own_kernel(names)
             report["loss_rel_diff"] = float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12))
             report["grad_rel_diff"] = float((grads - ref_grads).norm() / ref_grads.norm().clamp_min(1e-12))
-            if not report["ran_kernel"]:
+            if not report["xformers_ops"]:
                 report["error"] = (
                     "no op of xformers' own namespaces ran (" + ", ".join(XFORMERS_NAMESPACES) + ")"
+                )
+            elif not report["ran_kernel"]:
+                report["error"] = "xformers handed the attention to PyTorch's kernels: " + ", ".join(
+                    report["pytorch_attention_ops"]
                 )
         except Exception as e:  # noqa: BLE001  a wheel built for another torch raises at its first call
             report["error"] = _one_line(e)

@@ -1,5 +1,5 @@
 """benchmarks/xformers_check.py: xformers counts as running only when an op of its own namespaces is in the
-profiler trace, never because it imports; every outcome is a report."""
+profiler trace and PyTorch's attention kernels are not, never because it imports; every outcome is a report."""
 
 import json
 import os
@@ -14,26 +14,33 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from xformers_check import xformers_ops  # noqa: E402
+from xformers_check import ran_own_kernel, xformers_ops  # noqa: E402
 
 
-@torch.library.custom_op("xformers_flash::test_fwd", mutates_args=())
-def _own_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
+@torch.library.custom_op("xformers_flash::test_own", mutates_args=())
+def _own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v  # its own computation
 
 
-def _traced(fn) -> list[str]:
+@torch.library.custom_op("xformers_flash::test_pt", mutates_args=())
+def _pt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)  # as xformers' '-pt' operators: PyTorch's kernel inside
+
+
+def _trace(fn) -> list[str]:
     q = torch.randn(1, 2, 8, 4)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn(q, q, q)
-    return xformers_ops(e.key for e in prof.key_averages())
+    return [e.key for e in prof.key_averages()]
 
 
-def test_an_op_of_xformers_namespaces_in_the_trace_is_what_counts():
+def test_an_op_of_xformers_namespaces_with_no_pytorch_attention_kernel_is_what_counts():
     # xformers calls its kernels through the dispatcher (torch.ops.<namespace>.<op>), as here
-    assert _traced(torch.ops.xformers_flash.test_fwd) == ["xformers_flash::test_fwd"]
-    # PyTorch's own kernels, which xformers' '-pt' operators call, do not count
-    assert _traced(F.scaled_dot_product_attention) == []
+    own = _trace(torch.ops.xformers_flash.test_own)
+    assert xformers_ops(own) == ["xformers_flash::test_own"] and ran_own_kernel(own)
+    handed_over = _trace(torch.ops.xformers_flash.test_pt)
+    assert xformers_ops(handed_over) == ["xformers_flash::test_pt"] and not ran_own_kernel(handed_over)
+    assert not ran_own_kernel(_trace(F.scaled_dot_product_attention))
     assert xformers_ops(["aten::_efficient_attention_forward", "xformers::efficient_attention_forward_cutlass",
                          "xformers_flash3::flash_fwd", "my_xformers::op", "xformers"]) == [
         "xformers::efficient_attention_forward_cutlass", "xformers_flash3::flash_fwd"]  # fmt: skip
