@@ -196,7 +196,7 @@ if compgen -G "$PAIR/torch-2.10.0*.whl" > /dev/null && compgen -G "$PAIR/xformer
         --label "pinned pair" --json "$WORK/xformers_pair.json"
 else
     note xformers:pair "the pinned pair (pyproject's [xformers] extra: torch 2.10.0 + xformers 0.0.35) is not in \
-$PAIR/; 'bash scripts/gpu_wheels.sh --xformers-pair' downloads it (about 3.6 GB with its CUDA 12 libraries)"
+$PAIR/; 'bash scripts/gpu_wheels.sh --xformers-pair' downloads it (torch's wheel alone is 873 MB; gigabytes with its CUDA 12 libraries)"
 fi
 
 # the tasks colleagues add: run when the checkout has them, as a user runs them (keys they do not read dropped)

@@ -6,7 +6,7 @@
 #                            machine's own torch
 #   wheels/fashion-mnist/    the Fashion-MNIST idx files, when this machine has them (30 MB; segment_demo's data)
 #   wheels/xformers-pair/    only with --xformers-pair: the pinned pair itself (torch 2.10.0, torchvision 0.25.0,
-#                            xformers 0.0.35 and their CUDA 12 libraries for Python 3.12, about 3.6 GB), for the
+#                            xformers 0.0.35 and their CUDA 12 libraries for Python 3.12: gigabytes), for the
 #                            check in an environment of its own
 #
 #   bash scripts/gpu_wheels.sh [--xformers-pair] [DIR]     # default DIR: wheels/ (gitignored)
