@@ -335,6 +335,21 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _sci(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1e}"
+
+
+def _xformers_cells(x: dict) -> str:
+    """'img/s | ran its own kernel, which ops, dispatched operators, differences to SDPA, error |'."""
+    ops = f" ({', '.join(x['xformers_ops'])})" if x.get("xformers_ops") else ""
+    d = x.get("dispatched") or {}
+    picked = f"; dispatched {d['forward']} / {d['backward']}" if "forward" in d else ""
+    return (f"{_n(x.get('img_s'))} | ran its own kernel: {'yes' if x.get('ran_kernel') else 'no'}{ops}{picked}; "
+            f"loss rel. diff {_sci(x.get('loss_rel_diff'))}, grad rel. diff {_sci(x.get('grad_rel_diff'))}"
+            f"{'; SDPA ' + _n(x['sdpa_img_s']) + ' img/s' if x.get('sdpa_img_s') else ''}"
+            f"{'; ' + x['error'] if x.get('error') else ''} |")  # fmt: skip
+
+
 def render(res: dict, name: str) -> list[str]:
     """The markdown of one results file: headline table, levers, batch sweep."""
     why = res["reasons"]
@@ -368,20 +383,15 @@ def render(res: dict, name: str) -> list[str]:
                      f"| {label} | {_n(r['reference_img_s'])} | batch {r['batch']}; this project in the same run "
                      f"{_n(r['ours_img_s'])}" + (f" ({r['ours_img_s'] / r['reference_img_s']:.2f}x)" if r['ours_img_s'] else "") + " |")  # fmt: skip
     x = res["xformers"]
-    lines.append("| xformers (pinned pair) | " + (na("xformers") + " | |" if x is None else
-                 f"{_n(x.get('img_s'))} | ran its own kernel: {'yes' if x.get('ran_kernel') else 'no'}"
-                 f"{' (' + ', '.join(x['xformers_ops']) + ')' if x.get('xformers_ops') else ''}; loss rel. diff "
-                 f"{_n(x.get('loss_rel_diff'), 6) if x.get('loss_rel_diff') is not None else '—'}, grad rel. diff "
-                 f"{_n(x.get('grad_rel_diff'), 6) if x.get('grad_rel_diff') is not None else '—'}"
-                 f"{'; ' + x['error'] if x.get('error') else ''} |"))  # fmt: skip
+    lines.append(
+        "| xformers (pinned pair) | " + (na("xformers") + " | |" if x is None else _xformers_cells(x))
+    )
     xd = res.get("xformers_device_torch")
     if xd:
         which = (
             "xformers (does not import)" if xd.get("xformers", "?") == "?" else f"xformers {xd['xformers']}"
         )
-        lines.append(f"| {which} on the machine's torch {xd.get('torch', '?')} | "
-                     f"{_n(xd.get('img_s'))} | ran its own kernel: {'yes' if xd.get('ran_kernel') else 'no'}"
-                     f"{'; ' + xd['error'] if xd.get('error') else ''} |")  # fmt: skip
+        lines.append(f"| {which} on the machine's torch {xd.get('torch', '?')} | {_xformers_cells(xd)}")
     for key, label in (("segment_demo_img_s", "mae/segment.py recipe=segment_demo"),
                        ("embed_vit_base_img_s", "python -m mae.embed, ViT-B/16")):  # fmt: skip
         v = res[key]

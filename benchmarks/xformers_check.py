@@ -59,6 +59,11 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
+def _lines(e: BaseException, limit: int = 800) -> str:
+    """The whole message on one line: xformers' dispatcher lists why each operator was refused."""
+    return f"{type(e).__name__}: " + " | ".join(x.strip() for x in str(e).splitlines() if x.strip())[:limit]
+
+
 def _use_backend(model: torch.nn.Module, backend: str) -> None:
     """Set the attention backend as given, without the fallback a run applies (this check wants the failure)."""
     for m in model.modules():
@@ -90,7 +95,7 @@ def dispatched(model, images, dtype) -> dict:
         inp = fmha.Inputs(query=q, key=q, value=q, attn_bias=None, p=0.0, scale=head_dim**-0.5)
         return {"forward": _dispatch_fw(inp, True).NAME, "backward": _dispatch_bw(inp, None).NAME}
     except Exception as e:  # noqa: BLE001
-        return {"error": _one_line(e)}
+        return {"error": _lines(e)}
 
 
 def check(
