@@ -269,9 +269,11 @@ def build(work: Path, meta: dict) -> dict:
                 )
         put(key, run, why("loop", f"the loop run '{mode}' logged no timed window (log in summary.json)"))
     graphs = loop_run(loop_work / f"run_{CUDA_GRAPH_LOOP}")
+    ran = [r.get("compile") for r in (res["loop_vit_base_synthetic"], graphs) if r]  # train.compile as run
     value, reason = lever(res["loop_vit_base_synthetic"], graphs,
                           "the real loop (mae/pretrain.py recipe=vit_base, synthetic data): train.compile default -> "
-                          "reduce-overhead (CUDA graphs)", why("loop", "the reduce-overhead loop run logged no timed window"))  # fmt: skip
+                          "reduce-overhead (CUDA graphs)", why("loop", "the reduce-overhead loop run logged no timed window"),
+                          train_compile=ran)  # fmt: skip
     res["levers"]["cuda_graphs_in_loop"] = value
     if value is None:
         reasons["levers.cuda_graphs_in_loop"] = reason

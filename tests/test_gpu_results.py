@@ -31,9 +31,8 @@ def _report(model: str, recipe: str, rows: list[dict]) -> dict:
             "rounds": 1, "matmul_peak_tflops": {"bf16": PEAK}, "results": rows}  # fmt: skip
 
 
-def _run(
-    work: Path, name: str, rates: list[float], waits: list[float], batch: int = 128, decode: str = "cpu"
-):
+def _run(work: Path, name: str, rates: list[float], waits: list[float], batch: int = 128, decode: str = "cpu",
+         compile_: str = "auto"):  # fmt: skip
     run = work / "loop_work" / f"run_{name}"
     run.mkdir(parents=True)
     rows = [
@@ -43,7 +42,8 @@ def _run(
         "".join(json.dumps(r) + "\n" for r in [{"step": 0, "loss": 1.0}, *rows])
     )
     (run / "config.yaml").write_text(
-        f"train: {{batch_size: {batch}, compile: auto, precision: auto}}\ndata: {{num_workers: 10, decode: {decode}}}\n"
+        f"train: {{batch_size: {batch}, compile: {compile_}, precision: auto}}\n"
+        f"data: {{num_workers: 10, decode: {decode}}}\n"
     )
 
 
@@ -64,7 +64,8 @@ def work(tmp_path) -> Path:
     _run(w, "cpu", [500.0, 1500.0, 1600.0, 1700.0], [0.9, 0.3, 0.2, 0.25])
     _run(w, "device", [500.0, 1900.0, 1950.0, 1980.0], [0.9, 0.05, 0.04, 0.02], decode="device")
     _run(w, "synthetic", [500.0, 1980.0, 1990.0], [0.9, 0.0, 0.0], decode="auto")
-    _run(w, "synthetic_reduce-overhead", [300.0, 2200.0, 2250.0], [0.9, 0.0, 0.0], decode="auto")
+    _run(w, "synthetic_reduce-overhead", [300.0, 2200.0, 2250.0], [0.9, 0.0, 0.0], decode="auto",
+         compile_="reduce-overhead")  # fmt: skip
     (w / "env.json").write_text(
         json.dumps({"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "driver": "580"})
     )
@@ -109,6 +110,7 @@ def test_defaults_loops_and_levers_from_the_raw_reports(work):
     assert (loss["before_img_s"], loss["after_img_s"], loss["verdict"]) == (2100.0, 2000.0, "dropped")
     graphs = lv["cuda_graphs_in_loop"]
     assert (graphs["before_img_s"], graphs["after_img_s"], graphs["verdict"]) == (1985.0, 2225.0, "kept")
+    assert graphs["train_compile"] == ["auto", "reduce-overhead"]  # what the runs' config.yaml say they ran
     assert gpu_results.missing_keys(res) == []
 
 
