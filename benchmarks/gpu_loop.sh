@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The training loop against the training step on one GPU (about 5 minutes on an H100/H200): recipe vit_base,
-# batch 256, 14 loader workers, torch.compile, on 24,000 generated 500x375 JPEGs with data.decode=cpu and
-# data.decode=device, and on data.train=synthetic; next to the compiled step alone (mae-bench, same batch).
-# Also the mean absolute pixel difference of device-decoded crops (nvJPEG) against the CPU path, and the
-# per-worker table of mae-bench --data (decode modes side by side with the reference MAE loader).
+# The training loop against the training step on one GPU (about 5 minutes on an H100/H200): recipe vit_base as a
+# user runs it (batch 128 per GPU, the recipe's 10 loader workers, train.compile auto: compiled), on 24,000
+# generated 500x375 JPEGs with data.decode=cpu and data.decode=device, and on data.train=synthetic; next to the
+# compiled step alone (mae-bench, same batch). Also the mean absolute pixel difference of device-decoded crops
+# (nvJPEG) against the CPU path, and the per-worker table of mae-bench --data (decode modes side by side with
+# the reference MAE loader).
 #
 #   bash benchmarks/gpu_loop.sh [OUT_DIR]     # loop.json + loop.md in OUT_DIR (default: $OUT or bench_gpu)
 #
 # Images, runs and logs go to a scratch directory (LOOP_WORK, default a new temporary one, removed at the end
 # unless LOOP_WORK is given); loop.json keeps the tail of every log. Env: PYTHON (default .venv/bin/python,
-# else python3); LOOP_STEPS (default 100); LOOP_IMAGES (default 24000); GPU_CHECK_DRY_RUN=1 runs the same
-# commands with a tiny model on the CPU in seconds (checks the script).
+# else python3); LOOP_STEPS (default 100); LOOP_IMAGES (default 24000); LOOP_MODES (default cpu,device,synthetic;
+# MODE:COMPILE runs MODE with train.compile=COMPILE, e.g. synthetic:reduce-overhead, into run_MODE_COMPILE);
+# LOOP_STEP_JSON (a mae-bench report of the step to compare with, instead of timing it here); LOOP_EXTRAS=0
+# leaves out the decode comparison and the per-worker table. GPU_CHECK_DRY_RUN=1 runs the same commands with a
+# tiny model on the CPU in seconds (checks the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -25,13 +29,14 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
            model.num_heads=2 model.decoder_embed_dim=32 model.decoder_depth=1 model.decoder_num_heads=2)
     RUN=(recipe=vit_base "${MODEL[@]}" train.batch_size=8 data.num_workers=1 train.compile=false
          train.precision=fp32 log.every_steps=2)
+    COMPILE_OK=${GPU_CHECK_DRY_COMPILE:-0} # a train.compile mode of LOOP_MODES runs as false unless this is 1
     STEP=(--recipe vit_base "${MODEL[@]}" --batch 8 --dtype fp32 --compile off --steps 2 --warmup 1 --device cpu)
     PER_WORKER="--img-size 32 --batch 4 --data-batches 2"
 else
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')"
     IMAGES=${LOOP_IMAGES:-24000} STEPS=${LOOP_STEPS:-100} LIMIT=150 DEVICE=cuda
-    RUN=(recipe=vit_base train.batch_size=256 data.num_workers=14 train.compile=true log.every_steps=20)
-    STEP=(--recipe vit_base --batch 256 --dtype bf16 --compile on --steps 20 --warmup 3 --device cuda)
+    RUN=(recipe=vit_base log.every_steps=20) COMPILE_OK=1
+    STEP=(--recipe vit_base --dtype bf16 --compile on --steps 20 --warmup 3 --device cuda)
     PER_WORKER="--batch 64 --data-batches 4 --rounds 2"
 fi
 if [ -n "${LOOP_WORK:-}" ]; then WORK=$LOOP_WORK; mkdir -p "$WORK"; else WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
@@ -59,21 +64,35 @@ files = [os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs]
 print(f"{len(files)} files, {sum(map(os.path.getsize, files)) / len(files) / 1e3:.0f} KB each, {time.time() - t:.0f} s")
 PY
 
-echo "== loop 1. the compiled step alone"
-timeout "$LIMIT" "$PY" -m mae.bench "${STEP[@]}" --json "$WORK/loop_step.json" | tee "$WORK/loop_step.txt"
+# inner limits stay in the caller's process group (--foreground), so a caller's time limit ends these runs too
+if [ -n "${LOOP_STEP_JSON:-}" ]; then
+    echo "== loop 1. the compiled step alone: $LOOP_STEP_JSON"
+    cp "$LOOP_STEP_JSON" "$WORK/loop_step.json" 2> /dev/null || echo "no step report at $LOOP_STEP_JSON"
+else
+    echo "== loop 1. the compiled step alone"
+    timeout --foreground --kill-after=5 "$LIMIT" "$PY" -m mae.bench "${STEP[@]}" --json "$WORK/loop_step.json" \
+        | tee "$WORK/loop_step.txt"
+fi
 
-for MODE in cpu device synthetic; do
-    echo "== loop 2. the training loop, $MODE"
+IFS=, read -ra MODES <<< "${LOOP_MODES:-cpu,device,synthetic}"
+for SPEC in "${MODES[@]}"; do
+    MODE=${SPEC%%:*} NAME=${SPEC/:/_} EXTRA=()
+    if [ "$SPEC" != "$MODE" ]; then
+        EXTRA=("train.compile=${SPEC#*:}")
+        [ "$COMPILE_OK" = 1 ] || EXTRA=(train.compile=false)
+    fi
+    echo "== loop 2. the training loop, $SPEC"
     SRC=("data.train=$DATA" "data.decode=$MODE")
     [ "$MODE" = synthetic ] && SRC=(data.train=synthetic data.synthetic_samples="$IMAGES")
-    rm -rf "$WORK/run_$MODE"
-    timeout "$LIMIT" "$PY" mae/pretrain.py "${COMMON[@]}" "${SRC[@]}" output_dir="$WORK/run_$MODE" \
-        > "$WORK/loop_$MODE.log" 2>&1 || echo "loop $MODE failed or ran past ${LIMIT}s (log tail in loop.json)"
-    grep -E "^step|error" "$WORK/loop_$MODE.log" | tail -4 || true
+    rm -rf "$WORK/run_$NAME"
+    timeout --foreground --kill-after=5 "$LIMIT" "$PY" mae/pretrain.py "${COMMON[@]}" "${SRC[@]}" "${EXTRA[@]}" \
+        output_dir="$WORK/run_$NAME" > "$WORK/loop_$NAME.log" 2>&1 \
+        || echo "loop $SPEC failed or ran past ${LIMIT}s (log tail in loop.json)"
+    grep -E "^step|error" "$WORK/loop_$NAME.log" | tail -4 || true
 done
-
+if [ "${LOOP_EXTRAS:-1}" = 1 ]; then # (the body is not indented: it holds heredocs)
 echo "== loop 3. device-decoded crops against the CPU path (mean absolute difference, levels of 255)"
-timeout 60 "$PY" - "$DATA" "$DEVICE" "$WORK/loop_decode.json" <<'PY' || echo "decode comparison failed"
+timeout --foreground 60 "$PY" - "$DATA" "$DEVICE" "$WORK/loop_decode.json" <<'PY' || echo "decode comparison failed"
 import json, sys
 from types import SimpleNamespace
 import torch
@@ -96,40 +115,47 @@ json.dump(row, open(out, "w"))
 PY
 
 echo "== loop 4. the pipeline per worker: decode modes and the reference loader (mae-bench --data)"
-timeout 120 "$PY" -m mae.bench --data "$DATA" --decode cpu,device --reference --device "$DEVICE" $PER_WORKER \
+timeout --foreground 120 "$PY" -m mae.bench --data "$DATA" --decode cpu,device --reference --device "$DEVICE" $PER_WORKER \
     --json "$WORK/loop_data.json" || echo "per-worker benchmark failed"
+fi
 
-"$PY" - "$WORK" "$OUT_DIR" <<'PY'
-import json, os, statistics, sys
+"$PY" - "$WORK" "$OUT_DIR" "${LOOP_MODES:-cpu,device,synthetic}" <<'PY'
+import json, os, sys
+from pathlib import Path
 
-work, out = sys.argv[1:]
-step = json.load(open(f"{work}/loop_step.json"))["results"][0]
-step_rate = step["img_per_s"]
+sys.path.insert(0, "benchmarks")
+from gpu_results import loop_run
+
+work, out, modes = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+step = json.load(open(f"{work}/loop_step.json"))["results"][0] if os.path.exists(f"{work}/loop_step.json") else None
+step_rate = step["img_per_s"] if step and not step["error"] else None
 rows = []
-for mode in ("cpu", "device", "synthetic"):
-    path, log = f"{work}/run_{mode}/metrics.jsonl", f"{work}/loop_{mode}.log"
-    windows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
-    windows = [w for w in windows if "img_per_s" in w][1:]  # the first window holds compilation
+for spec in modes:
+    name = spec.replace(":", "_", 1)
+    log = f"{work}/loop_{name}.log"
     tail = open(log).read().splitlines()[-6:] if os.path.exists(log) else []
-    if not windows:
-        rows.append({"mode": mode, "error": "no timed windows", "log_tail": tail})
+    run = loop_run(Path(work) / f"run_{name}")  # medians over the windows after the first (compilation)
+    if run is None:
+        rows.append({"mode": spec, "error": "no timed windows", "log_tail": tail})
         continue
-    rate = statistics.median(w["img_per_s"] for w in windows)
-    wait = statistics.median(w["data_wait"] for w in windows)
-    rows.append({"mode": mode, "img_per_s": rate, "vs_step": rate / step_rate, "data_wait": wait,
-                 "windows": [w["img_per_s"] for w in windows], "log_tail": tail})
+    rows.append({"mode": spec, "img_per_s": run["img_s"], "vs_step": run["img_s"] / step_rate if step_rate else None,
+                 "data_wait": run["data_wait"], "windows": run["windows"], "log_tail": tail})
 decode = json.load(open(f"{work}/loop_decode.json")) if os.path.exists(f"{work}/loop_decode.json") else None
 per_worker = json.load(open(f"{work}/loop_data.json")) if os.path.exists(f"{work}/loop_data.json") else None
 report = {"step": step, "step_img_per_s": step_rate, "loop": rows, "decode_diff": decode, "per_worker": per_worker}
 json.dump(report, open(f"{out}/loop.json", "w"), indent=1)
-lines = [f"the step alone ({step['config']['dtype']}, compile {'on' if step['config']['compile'] else 'off'}, "
-         f"batch {step['config']['batch']}): {step_rate:,.0f} img/s", "",
-         "| data | loop img/s (median window) | vs step | data_wait | windows |", "| --- | --- | --- | --- | --- |"]
+if step_rate:
+    lines = [f"the step alone ({step['config']['dtype']}, compile {'on' if step['config']['compile'] else 'off'}, "
+             f"batch {step['config']['batch']}): {step_rate:,.0f} img/s", ""]
+else:
+    lines = ["the step alone: not measured", ""]
+lines += ["| data | loop img/s (median window) | vs step | data_wait | windows |", "| --- | --- | --- | --- | --- |"]
 for r in rows:
     if "error" in r:
         lines.append(f"| {r['mode']} | {r['error']}: {' / '.join(r['log_tail'][-2:])} | | | |")
         continue
-    lines.append(f"| {r['mode']} | {r['img_per_s']:,.0f} | {r['vs_step']:.1%} | {r['data_wait']:.1%} | "
+    vs = f"{r['vs_step']:.1%}" if r["vs_step"] is not None else "-"
+    lines.append(f"| {r['mode']} | {r['img_per_s']:,.0f} | {vs} | {r['data_wait']:.1%} | "
                  + " / ".join(f"{w:,.0f}" for w in r["windows"]) + " |")
 if decode:
     lines += ["", f"device-decoded crops vs the CPU path on {decode['device']}: mean |diff| "

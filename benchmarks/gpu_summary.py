@@ -1,19 +1,30 @@
-"""Fold the raw reports of benchmarks/gpu_check.sh into summary.json and summary.md.
+"""Fold the raw reports of benchmarks/gpu_check.sh into the results file, summary.json and summary.md.
 
-    python benchmarks/gpu_summary.py WORK_DIR OUT_DIR
+    python benchmarks/gpu_summary.py WORK_DIR OUT_DIR [--date YYYY-MM-DD] [--dry-run] [--budget S] [--sections LIST]
+                                     [--suffix NAME]
 
-WORK_DIR holds mae-bench JSON reports (step_vit_b, step_vit_l, batch_vit_l, tune_vit_l), reference.json
-(benchmarks/reference_step.py), sections.txt (name, exit code, seconds per section) and loop/loop.json.
+WORK_DIR holds mae-bench JSON reports (step_vit_b, step_vit_l, batch_vit_l, tune_vit_l), reference_vit_b and
+reference_vit_l (benchmarks/reference_step.py), sections.txt (label, exit code, seconds, limit per section),
+notes.txt (label and why it did not run), env.json, profile_vit_large.txt, xformers_*.json, the loop's runs
+(loop_work/) and those of segment and embed. OUT_DIR receives `<device>-<date>.json` (benchmarks/gpu_results.py),
+`<device>-<date>-profile.txt` (`<device>-<date>-<suffix>...` with --suffix), summary.json (every raw report) and summary.md (the results table, then the raw
+tables).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import shutil
 import sys
 from pathlib import Path
 
-REPORTS = ("step_vit_b", "step_vit_l", "tune_vit_l", "batch_vit_l", "reference")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_results  # noqa: E402
+
+REPORTS = ("step_vit_b", "step_vit_l", "tune_vit_l", "batch_vit_l", "reference_vit_b", "reference_vit_l")
 
 
 def _ok(report: dict) -> list[dict]:
@@ -21,9 +32,17 @@ def _ok(report: dict) -> list[dict]:
 
 
 def _compile(c: dict) -> str:
-    if not c["compile"]:
-        return "eager"
-    return "compiled" if c.get("compile_mode", "default") == "default" else f"compiled, {c['compile_mode']}"
+    """'eager' / 'compiled' / 'compiled, MODE', then what differs from the loop's step (the levers)."""
+    label = "eager" if not c["compile"] else "compiled"
+    if c["compile"] and c.get("compile_mode", "default") != "default":
+        label += f", {c['compile_mode']}"
+    if c.get("optimizer", "fused") != "fused":
+        label += f"; {c['optimizer']} AdamW"
+    if c.get("loss", "graph") != "graph":
+        label += f"; loss {c['loss']}"
+    if c.get("noise", "device") != "device":
+        label += f"; noise from the {c['noise']}"
+    return label
 
 
 def _rate(x: float) -> str:
@@ -100,15 +119,15 @@ def summarize(work: Path) -> tuple[dict, str]:
     }
     sections = []
     if (work / "sections.txt").is_file():
-        for line in (work / "sections.txt").read_text().splitlines():
-            name, rc, seconds = line.split()
-            sections.append({"section": name, "exit": rc, "seconds": int(seconds)})
-    loop = work / "loop" / "loop.json"
+        for label, s in gpu_results.read_sections(work).items():
+            sections.append({"section": label, **s})
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "sections": sections,
         "reports": reports,
-        "loop": json.loads(loop.read_text()) if loop.is_file() else None,
+        "loop_logs": {
+            p.stem: p.read_text().splitlines()[-8:] for p in sorted(work.glob("loop_work/loop_*.log"))
+        },
     }
     any_rep = next(iter(reports.values()), None)
     md = ["# GPU check", ""]
@@ -121,24 +140,51 @@ def summarize(work: Path) -> tuple[dict, str]:
                "the same run.", ""]  # fmt: skip
     if any(k in reports for k in ("step_vit_b", "step_vit_l", "tune_vit_l")):
         md += ["## MAE training step (autocast, backward, fused AdamW, sdpa)", "", *step_table(reports), ""]
-    if "reference" in reports:
-        md += ["## Side by side with the reference release", "", *reference_table(reports["reference"]), ""]
+    for key in ("reference_vit_b", "reference_vit_l"):
+        if key in reports:
+            md += [f"## Side by side with the reference release: {reports[key]['model']}", "",
+                   *reference_table(reports[key]), ""]  # fmt: skip
     if "batch_vit_l" in reports:
         md += ["## Batch size", "", *batch_table(reports["batch_vit_l"]), ""]
     if sections:
-        md += ["## Sections", "", "| section | exit | seconds |", "| --- | --- | --- |"]
-        md += [f"| {s['section']} | {s['exit']} | {s['seconds']} |" for s in sections]
+        md += ["## Sections", "", "| section | exit | seconds | limit |", "| --- | --- | --- | --- |"]
+        md += [f"| {s['section']} | {s['exit']} | {s['seconds']} | {s['limit'] or ''} |" for s in sections]
     return summary, "\n".join(md) + "\n"
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: gpu_summary.py WORK_DIR OUT_DIR", file=sys.stderr)
-        return 2
-    work, out = Path(argv[0]), Path(argv[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("work", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--date", default=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+    p.add_argument("--started", default="", help="when the check started (UTC)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--budget", type=int, default=0)
+    p.add_argument("--sections", default="", help="the sections that were asked for (comma list)")
+    p.add_argument(
+        "--suffix", default="", help="added to the results file's name (a run of some sections only)"
+    )
+    args = p.parse_args(argv)
+    work, out = args.work, args.out
     summary, md = summarize(work)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    env = gpu_results._json(work / "env.json") or {}
+    device = env.get("device") or next((r["device"] for r in summary["reports"].values()), "unknown")
+    stem = f"{gpu_results.device_slug(device, args.dry_run)}-{args.date}{'-' + args.suffix if args.suffix else ''}"
+    profile = work / "profile_vit_large.txt"
+    if profile.is_file():
+        shutil.copyfile(profile, out / f"{stem}-profile.txt")
+    meta = {"date": args.date, "started_utc": args.started or None, "dry_run": args.dry_run, "budget_s": args.budget,
+            "sections_requested": [s for s in args.sections.split(",") if s],
+            "profile": f"{stem}-profile.txt" if profile.is_file() else None}  # fmt: skip
+    (out / "summary.json").write_text(
+        json.dumps(summary, indent=1)
+    )  # first: the raw reports survive a bug below
     (out / "summary.md").write_text(md)
+    results = gpu_results.build(work, meta)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    head = ["# GPU check", "", *gpu_results.render(results, f"{stem}.json"), ""]
+    (out / "summary.md").write_text("\n".join(head) + md.removeprefix("# GPU check"))
+    print(f"results file: {out / stem}.json")
     return 0
 
 

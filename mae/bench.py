@@ -5,11 +5,14 @@
     mae-bench --model mae_vit_large_patch16 --batch 128,256 --compile off,on,max-autotune-no-cudagraphs
     mae-bench --data shards/ /data/images fashion-mnist
     mae-bench --data /data/images --decode cpu,device --reference     # per worker, vs the reference loader
+    mae-bench --recipe vit_large --compile on --config optimizer=fused --config noise=host --profile prof.txt
 
-A step is what the training loop runs: forward under autocast, backward, AdamW step, zero_grad. Every
-combination of the comma-separated switches is measured in the same process, round-robin over
-`--rounds` rounds (the best round of each is reported: a shared machine only ever slows a run down),
-next to a large-GEMM peak timed in the same rounds on the same device.
+A step is what the training loop runs: forward under autocast (the masking noise drawn outside the model and
+passed in, as the loop does), backward, AdamW step, zero_grad. Every combination of the comma-separated
+switches is measured in the same process, round-robin over `--rounds` rounds (the best round of each is
+reported: a shared machine only ever slows a run down), next to a large-GEMM peak timed in the same rounds on
+the same device. `--loss`, `--noise`, `--optimizer fused-capturable` and `--profile` serve the GPU check's
+levers (benchmarks/gpu_check.sh).
 
 FLOPs are counted analytically (`mae_flops`): every matmul of the model (patch projection, all Linear
 layers, the two attention products), encoder on the visible tokens + cls, decoder on all tokens + cls,
@@ -32,11 +35,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIMIZERS = ("fused", "foreach", "forloop")
+# fused-capturable: the fused kernel with its step count and hyperparameters kept on the device, so the whole
+# update can be captured in a CUDA graph or compiled
+OPTIMIZERS = ("fused", "fused-capturable", "foreach", "forloop")
+# Where the MAE loss (norm_pix target included) is computed: in the model's forward, compiled with it, or
+# eagerly after a compiled encoder + decoder.
+LOSS_PLACES = ("graph", "eager")
+# Where the masking noise comes from: drawn on the device, or as the training loop draws it (numpy Philox on
+# the host, then a blocking copy, which waits for the device every step).
+NOISE_SOURCES = ("device", "host")
 # torch.compile modes; the two with CUDA graphs replay the whole compiled forward and backward as one graph
 # (MAE's shapes are static: a fixed number of visible tokens), the others only generate fused kernels.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -175,6 +187,8 @@ class StepConfig:
     grad_ckpt: bool = False
     img_size: int = 224
     mask_ratio: float = 0.75
+    loss: str = "graph"  # one of LOSS_PLACES
+    noise: str = "device"  # one of NOISE_SOURCES
 
     def compile_label(self) -> str:
         """'off', 'on' (the default mode) or the mode's name."""
@@ -186,6 +200,7 @@ class StepConfig:
         return (
             f"{self.dtype} {self.attn} compile {self.compile_label()} {self.optimizer}"
             f"{' ckpt' if self.grad_ckpt else ''} b{self.batch} {self.img_size}px m{self.mask_ratio:g}"
+            f"{' loss ' + self.loss if self.loss != 'graph' else ''}{' noise ' + self.noise if self.noise != 'device' else ''}"
         )
 
 
@@ -212,26 +227,51 @@ def build_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     from mae.optim import param_groups
 
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, 0.05)]
-    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[kind]
+    flags = {"fused": dict(fused=True), "fused-capturable": dict(fused=True, capturable=True),
+             "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[kind]  # fmt: skip
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **flags)
 
 
 def make_step(
-    model: nn.Module, optimizer, device: torch.device, dtype: str, mask_ratio: float, cudagraphs: bool = False
+    model: nn.Module,
+    optimizer,
+    device: torch.device,
+    dtype: str,
+    mask_ratio: float,
+    cudagraphs: bool = False,
+    num_patches: int = 0,
+    noise: str = "device",
+    loss_fn=None,
 ):
-    """The loop's step as a closure over (images) -> loss tensor; never synchronises with the host.
-    With `cudagraphs` (a compiled model replayed as CUDA graphs) each call starts a new graph step and the
-    loss is copied out of the graph's memory, which the next replay overwrites."""
+    """The loop's step as a closure over (images) -> loss tensor; never synchronises with the host (except
+    `noise="host"`, whose blocking copy is the training loop's). With `num_patches`, the masking noise (N, L) is
+    an input of the model, as in the loop; else the model draws it. With `loss_fn`, `model` returns (pred, mask)
+    and the loss is loss_fn(images, pred, mask), outside it. With `cudagraphs` (a compiled model replayed as CUDA
+    graphs) each call starts a new graph step and the loss is copied out of the graph's memory, which the next
+    replay overwrites."""
     autocast = (
         torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
     )
     scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+    rng = np.random.default_rng(0)
+
+    def draw_noise(n: int) -> dict:
+        if not num_patches:
+            return {}
+        if noise == "host":
+            return {"noise": torch.from_numpy(rng.random((n, num_patches), dtype=np.float32)).to(device)}
+        return {"noise": torch.rand(n, num_patches, device=device)}
 
     def step(images: torch.Tensor) -> torch.Tensor:
+        kw = draw_noise(images.shape[0])
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast:
-            loss, _, _ = model(images, mask_ratio=mask_ratio)
+            if loss_fn is None:
+                loss, _, _ = model(images, mask_ratio=mask_ratio, **kw)
+            else:
+                pred, mask = model(images, mask_ratio, **kw)
+                loss = loss_fn(images, pred, mask)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -245,8 +285,23 @@ def make_step(
     return step
 
 
-def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, warmup: int) -> StepResult:
-    """Build a fresh model + optimizer for `cfg`, run `warmup` untimed steps, then time `steps` steps."""
+class PredictOnly(nn.Module):
+    """A MaskedAutoencoder's encoder and decoder without its loss: (imgs, mask_ratio, noise) -> (pred, mask)."""
+
+    def __init__(self, mae: nn.Module):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        latent, mask, ids_restore = self.mae.forward_encoder(imgs, mask_ratio, noise)
+        return self.mae.forward_decoder(latent, ids_restore), mask
+
+
+def run_config(
+    build_model, cfg: StepConfig, device: torch.device, steps: int, warmup: int, profile: str = ""
+) -> StepResult:
+    """Build a fresh model + optimizer for `cfg`, run `warmup` untimed steps, then time `steps` steps. With
+    `profile`, a few more steps run under torch.profiler and their top ops go to that file."""
     from mae.models import ensure_attn_backends, set_attn_backend
 
     res = StepResult(cfg)
@@ -262,9 +317,15 @@ def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, w
         optimizer = build_optimizer(model, cfg.optimizer)
         if cfg.compile:
             torch._dynamo.reset()  # a fresh model per configuration: start below the recompile limit
-        runner = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+        loss_fn = None
+        runner = model
+        if cfg.loss == "eager":
+            runner, loss_fn = PredictOnly(model), model.forward_loss
+        if cfg.compile:
+            runner = torch.compile(runner, mode=cfg.compile_mode)
         cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
-        step = make_step(runner, optimizer, device, cfg.dtype, cfg.mask_ratio, cudagraphs)
+        step = make_step(runner, optimizer, device, cfg.dtype, cfg.mask_ratio, cudagraphs,
+                         num_patches=model.patch_embed.num_patches, noise=cfg.noise, loss_fn=loss_fn)  # fmt: skip
         c, h = model.patch_embed.proj.in_channels, cfg.img_size
         images = torch.randn(cfg.batch, c, h, h, device=device)
         t0 = time.perf_counter()
@@ -279,6 +340,15 @@ def run_config(build_model, cfg: StepConfig, device: torch.device, steps: int, w
         _sync(device)
         dt = time.perf_counter() - t0
         res.loss = float(loss)
+    if profile:
+        from mae.bench_profile import profile_steps
+
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        try:
+            profile_steps(step, images, device, profile,
+                          title=f"{type(model).__name__} ({params:.1f}M parameters), {cfg.label()}")  # fmt: skip
+        except Exception as e:  # noqa: BLE001  the profile is extra: the timed numbers stand without it
+            _say_once(f"profile failed: {type(e).__name__}: {e}")
     res.step_ms = dt / steps * 1e3
     res.img_per_s = cfg.batch * steps / dt
     res.peak_mem_gb = mem.peak / 2**30
@@ -348,6 +418,12 @@ def parse_args(argv):
                    help=f"comma list of on/off or torch.compile modes ({', '.join(COMPILE_MODES)})")  # fmt: skip
     p.add_argument("--optimizer", default="fused", help=f"comma list of {', '.join(OPTIMIZERS)}")
     p.add_argument("--grad-ckpt", default="off", help="comma list of on/off (activation checkpointing)")
+    p.add_argument("--loss", default="graph",
+                   help="comma list of graph (the loss and norm_pix target inside the model, compiled with it) "
+                   "and eager (computed after the compiled encoder + decoder)")  # fmt: skip
+    p.add_argument("--noise", default="device",
+                   help="comma list of device (masking noise drawn on the device) and host (drawn as the "
+                   "training loop does: numpy on the host, then a blocking copy)")  # fmt: skip
     p.add_argument("--config", action="append", default=[], metavar="'KEY=V KEY=V'",
                    help="an explicit configuration instead of the grid (repeatable); keys: " + ", ".join(CONFIG_KEYS)
                    + "; unset keys take the first value of their flag")  # fmt: skip
@@ -375,6 +451,9 @@ def parse_args(argv):
     )
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--profile", default="",
+                   help="after timing the first configuration, profile a few of its steps (torch.profiler) "
+                   "and write the top ops by device time to this file")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -439,6 +518,10 @@ def step_configs(args, defaults: dict, device: torch.device) -> list[StepConfig]
     for a in _split(args.attn):
         if a not in ("sdpa", "math", "xformers"):
             raise BenchError(f"--attn {a!r}: expected sdpa, math or xformers")
+    for flag, value, allowed in (("--loss", args.loss, LOSS_PLACES), ("--noise", args.noise, NOISE_SOURCES)):
+        for v in _split(value):
+            if v not in allowed:
+                raise BenchError(f"{flag} {v!r}: expected {' or '.join(allowed)}")
     axes = {
         "batch": _split(args.batch or defaults["batch"], int),
         "img_size": _split(args.img_size or defaults["img_size"], int),
@@ -448,6 +531,8 @@ def step_configs(args, defaults: dict, device: torch.device) -> list[StepConfig]
         "compile": [_compile_choice(v) for v in _split(args.compile)],
         "optimizer": _split(args.optimizer),
         "grad_ckpt": [_on_off(v) for v in _split(args.grad_ckpt)],
+        "loss": _split(args.loss),
+        "noise": _split(args.noise),
     }
     if not args.config:
         return [_step_config(dict(zip(axes, values))) for values in itertools.product(*axes.values())]
@@ -461,7 +546,10 @@ def _step_config(fields: dict) -> StepConfig:
     return StepConfig(**fields, compile=compile_, compile_mode=mode)
 
 
-CONFIG_KEYS = ("batch", "img_size", "mask_ratio", "dtype", "attn", "compile", "optimizer", "grad_ckpt")
+CONFIG_KEYS = ("batch", "img_size", "mask_ratio", "dtype", "attn", "compile", "optimizer", "grad_ckpt", "loss",
+               "noise")  # fmt: skip
+CONFIG_CHOICES = {"optimizer": OPTIMIZERS, "attn": ("sdpa", "math", "xformers"), "loss": LOSS_PLACES,
+                  "noise": NOISE_SOURCES}  # fmt: skip
 
 
 def _parse_config(text: str, device: torch.device) -> dict:
@@ -484,7 +572,7 @@ def _parse_config(text: str, device: torch.device) -> dict:
         elif key == "dtype":
             (out[key],) = resolve_dtypes(value, device)
         else:
-            if value not in (OPTIMIZERS if key == "optimizer" else ("sdpa", "math", "xformers")):
+            if value not in CONFIG_CHOICES[key]:
                 raise BenchError(f"--config {text!r}: unknown {key} {value!r}")
             out[key] = value
     return out
@@ -506,8 +594,9 @@ def run_bench(args) -> dict:
             peaks[dt] = max(peaks[dt], matmul_peak(DTYPES[dt], device, gemm))
         for cfg in configs:
             print(f"round {r + 1}/{args.rounds}: {cfg.label()}", file=sys.stderr, flush=True)
+            kw = {"profile": args.profile} if args.profile and r == 0 and cfg is configs[0] else {}
             try:
-                res = run_config(build, cfg, device, args.steps, args.warmup)
+                res = run_config(build, cfg, device, args.steps, args.warmup, **kw)
             except torch.OutOfMemoryError:
                 res = StepResult(cfg, error="out of memory")
                 _release(device)
@@ -576,13 +665,15 @@ def format_table(report: dict) -> str:
         f"measured GEMM peak ({report['matmul_size']}^3) TFLOP/s: {peaks}",
     ]
     nominal = report["nominal_peak_tflops"] is not None
-    head = ["dtype", "attn", "compile", "adamw", "ckpt", "batch", "px", "mask", "GFLOP/img", "img/s", "ms/step",
-            "TFLOP/s", "MFU", *(["MFU nom"] if nominal else []), "peak GB", "MB/img", "warm-up s"]  # fmt: skip
+    configs = [StepConfig(**r["config"]) for r in report["results"]]
+    places = any(c.loss != "graph" or c.noise != "device" for c in configs)  # columns only when they vary
+    head = ["dtype", "attn", "compile", "adamw", "ckpt", *(["loss", "noise"] if places else []), "batch", "px",
+            "mask", "GFLOP/img", "img/s", "ms/step", "TFLOP/s", "MFU", *(["MFU nom"] if nominal else []), "peak GB",
+            "MB/img", "warm-up s"]  # fmt: skip
     rows = []
-    for r in report["results"]:
-        c = r["config"]
-        row = [c["dtype"], r["attn_used"] or c["attn"], StepConfig(**c).compile_label(), c["optimizer"],
-               "on" if c["grad_ckpt"] else "off", str(c["batch"]), str(c["img_size"]), f"{c['mask_ratio']:g}"]  # fmt: skip
+    for r, c in zip(report["results"], configs):
+        row = [c.dtype, r["attn_used"] or c.attn, c.compile_label(), c.optimizer, "on" if c.grad_ckpt else "off",
+               *([c.loss, c.noise] if places else []), str(c.batch), str(c.img_size), f"{c.mask_ratio:g}"]  # fmt: skip
         if r["error"]:
             rows.append(row + [r["error"]])
             continue

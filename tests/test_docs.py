@@ -144,6 +144,13 @@ NOT_RUN = {
     # docs/performance.md
     "accelerate launch --multi_gpu --num_processes 8 mae/pretrain.py recipe=vit_huge train.fsdp=true":
         "8 GPUs; tests/test_fsdp.py runs FSDP over 2 CPU processes",
+    "bash scripts/gpu_wheels.sh": "downloads wheels from PyPI for the GPU machine",
+    "GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/dry": "minutes; tests/test_gpu_check.py runs this dry run",
+    "bash benchmarks/gpu_check.sh": "needs a CUDA device; tests/test_gpu_check.py runs its dry run on the CPU",
+    "cp <files_at>/h200-YYYY-MM-DD*.json <files_at>/h200-YYYY-MM-DD*-profile.txt benchmarks/results/":
+        "copies a GPU run's files, which only a GPU run writes",
+    "python benchmarks/gpu_results.py benchmarks/results/h200-*.json":
+        "needs a GPU run's results file; tests/test_gpu_results.py runs the generator on results files",
     # docs/reliability.md
     ".venv/bin/python -m pytest tests/test_reliability.py": SUITE,
     ".venv/bin/python -m pytest tests/test_signals.py": SUITE,
