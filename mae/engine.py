@@ -268,6 +268,13 @@ class Trainer:
         self.log(f"torch.compile: mode {mode} ({why}); it compiles during the first step")
         return torch.compile(model, mode=mode)
 
+    def _sync_buffers(self) -> None:
+        """Every rank evaluates with rank 0's buffers (BatchNorm statistics), the ones DDP broadcasts before each
+        forward and the checkpoint holds: without SyncBatchNorm, each rank's last step updated its own."""
+        if self.acc.num_processes > 1 and not self.sharded:
+            for b in self.raw_model.buffers():
+                dist.broadcast(b.data, src=0)
+
     def _log_first_step_once(self) -> None:
         """Log how long the first optimizer step took (compilation happens there; img/s leaves it out)."""
         t0 = time.time()
@@ -443,6 +450,7 @@ class Trainer:
                 row.update(task.monitor(self.raw_model, self.step))
                 self.model.train()
             if eval_due:
+                self._sync_buffers()
                 metrics = task.evaluate(self.raw_model, self.step)
                 self.model.train()
                 row.update(metrics)

@@ -456,3 +456,41 @@ def test_unknown_segmentation_data_is_one_line(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     with pytest.raises(DataError, match="expected a directory with images/ and masks/"):
         pair_source(str(tmp_path), train=True, reduce_zero_label=False)
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_validation_pair_once(tmp_path):
+    """2 gloo processes train and evaluate on an odd number of pairs of several sizes; the logged mIoU / mAcc /
+    aAcc equal one process evaluating the same final weights (the confusion matrices summed, nothing twice)."""
+    import os
+
+    from accelerate import Accelerator
+    from conftest import TWO_CPU_PROCESSES
+    from safetensors.torch import load_file
+
+    from mae.build import build_segmenter
+    from mae.segment import seg_evaluator
+
+    write_pairs(tmp_path / "train", [(40, 40)] * 8)
+    write_pairs(tmp_path / "val", [(40, 32), (36, 48), (40, 40), (33, 41), (48, 40)], seed=1)
+    out = tmp_path / "run"
+    args = tiny_seg_args(out, **{
+        "data.train": str(tmp_path / "train"), "data.val": str(tmp_path / "val"), "model.in_chans": "3",
+        "model.img_size": "32", "model.num_classes": "4", "train.max_steps": "2", "train.batch_size": "2",
+        "data.epoch_samples": "0", "data.mean": "[0.5]", "data.std": "[0.25]",
+    })  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, *TWO_CPU_PROCESSES, "mae/segment.py", *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    logged = [x for x in rows(out) if "miou" in x][-1]
+    cfg = load_config(args, task="segment")
+    model = build_segmenter(cfg, 4)
+    model.load_state_dict(load_file(str(out / "checkpoint-last" / "model.safetensors")))
+    single = seg_evaluator(cfg, Accelerator(cpu=True), 4, log=lambda *a: None)(model, 2)
+    for k in ("miou", "macc", "aacc"):
+        assert single[k] == pytest.approx(logged[k], abs=1e-4), k
+    assert json.loads((out / "eval.json").read_text())["pairs"] == 5
