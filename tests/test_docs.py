@@ -42,6 +42,8 @@ VIT = (
     "model.img_size=32 model.depth=1 model.decoder_depth=1 train.batch_size=4 train.max_steps=1 "
     "data.num_workers=0 log.viz_images=0"
 )
+# the segmentation demo: 2 steps of 8 scenes, no evaluation (tests/test_segment.py evaluates)
+SEGMENT = "train.max_steps=2 train.batch_size=8 data.epoch_samples=16 log.every_steps=1 data.num_workers=0 data.val="
 BENCH = "--img-size 32 --batch 2 --steps 1 --warmup 1 --rounds 1 --matmul-size 128"
 BENCH_MODEL = f"--model mae_vit_tiny_patch16 {BENCH}"  # ViT-B's init alone takes seconds per configuration
 
@@ -120,6 +122,19 @@ RUN = {
         f"{{doc}} {TRANSFER}",
     "python experiments/digits.py report runs":
         "{doc}",
+    # README.md and docs/segmentation.md: the segmentation demo
+    "python mae/segment.py recipe=segment_demo model.init=runs/demo": f"{{doc}} {SEGMENT}",
+    "python experiments/segment_demo.py scenes scenes/ --count 8": "{doc}",
+    "mae-segment-predict runs/segment_demo scenes/images predictions/": "{doc}",
+    "python mae/segment.py recipe=segment_demo model.init=runs/demo output_dir=runs/segment_demo": f"{{doc}} {SEGMENT}",
+    "python mae/segment.py recipe=segment_demo output_dir=runs/segment_demo_scratch": f"{{doc}} {SEGMENT}",
+    "python mae/segment.py recipe=segment_demo model.init=runs/demo model.seg_head=linear train.freeze_encoder=true output_dir=runs/segment_demo_linear":
+        f"{{doc}} {SEGMENT}",
+    "python mae/segment.py recipe=segment_demo model.seg_head=linear train.freeze_encoder=true output_dir=runs/segment_demo_linear_random":
+        f"{{doc}} {SEGMENT}",
+    "python experiments/segment_demo.py report runs": "{doc}",
+    "python experiments/segment_demo.py figure runs/segment_demo docs/segment_demo.png":
+        "python experiments/segment_demo.py figure runs/segment_demo figure.png",  # not over the committed one
 }  # fmt: skip
 
 SUITE = "the test suite itself (this test is part of it); CI runs it (.ci/run)"
@@ -138,6 +153,8 @@ NOT_RUN = {
         PLACEHOLDERS,
     "accelerate launch mae/linprobe.py recipe=linprobe_vit_base model.init=runs/vit_base data.train=... data.val=...":
         PLACEHOLDERS,
+    "accelerate launch --multi_gpu --num_processes 8 mae/segment.py recipe=segment_ade20k_vit_base model.init=runs/vit_base data.train=/data/ADEChallengeData2016 data.val=/data/ADEChallengeData2016":
+        "8 GPUs and ADE20K (a download); tests/test_segment.py runs the recipe on a tiny ADE20K-layout folder",
     # docs/data.md
     "python -m data_tools.make_shards SOURCE OUTPUT_DIR [options]": "a synopsis; the README's make_shards runs",
     "python -m data_tools.verify_shards OUTPUT_DIR [--json report.json]": "a synopsis; the README's verify runs",
@@ -159,6 +176,8 @@ NOT_RUN = {
     "sbatch slurm/pretrain.sbatch recipe=vit_large train.epochs=1600": CLUSTER,
     "sbatch slurm/finetune.sbatch recipe=finetune_vit_base model.init=runs/mae-pretrain": CLUSTER,
     "sbatch slurm/linprobe.sbatch recipe=linprobe_vit_base model.init=runs/mae-pretrain": CLUSTER,
+    "sbatch slurm/segment.sbatch recipe=segment_ade20k_vit_base model.init=runs/mae-pretrain data.train=/data/ADEChallengeData2016 data.val=/data/ADEChallengeData2016":
+        CLUSTER,
     "sbatch -p gpu -A myproject --job-name=vitl-1600ep --nodes=8 slurm/pretrain.sbatch recipe=vit_large": CLUSTER,
     "export SBATCH_PARTITION=gpu SBATCH_ACCOUNT=myproject": CLUSTER,
     "sudo scripts/slurm_local.sh start": "installs and starts SLURM as root; tests/test_slurm.py does it",
