@@ -223,7 +223,7 @@ def _preprocess(source, arch, extras, img_size, in_chans, mean, std, crop_pct) -
     recorded = dict(img_size=img, in_chans=arch.get("in_chans"), mean=extras.get("mean"), std=extras.get("std"),
                     crop_pct=extras.get("crop_pct"))  # fmt: skip
     flags = dict(img_size=img_size, in_chans=in_chans, mean=mean, std=std, crop_pct=crop_pct)
-    defaults = dict(mean=_base_data()["mean"], std=_base_data()["std"], crop_pct=0.0)
+    defaults = dict(mean=base_data()["mean"], std=base_data()["std"], crop_pct=0.0)
     values, said = {}, []
     for key, rec in recorded.items():
         if flags[key] is not None:
@@ -246,7 +246,7 @@ def _preprocess(source, arch, extras, img_size, in_chans, mean, std, crop_pct) -
     return Preprocess(**values, origin="; ".join([where, *said]))
 
 
-def _base_data() -> dict:
+def base_data() -> dict:
     """recipes/base.yaml's data section: every data key's default."""
     from mae.config import RECIPES_DIR, _load_yaml
 

@@ -179,7 +179,7 @@ def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_so
     k = min(k, len(bank.ids) - int(own))
     if k < 1:
         raise EmbedError("--neighbours needs at least two images in DATA")
-    top_sim, top = sims.topk(k, dim=1)  # (Q, k)
+    top = sims.topk(k, dim=1).indices  # (Q, k), nearest first
     s = embedder.spec
     read = dict(cfg=cfg, img_size=s.img_size, in_chans=s.in_chans)
     q_imgs = torch.stack(read_by_ids(source=query_source, ids=queries.ids[rows], **read))
@@ -188,7 +188,7 @@ def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_so
     q_labels = label_names(queries.labels[rows], classes)
     n_labels = label_names(bank.labels[top.flatten().numpy()], classes)
     n_labels = [n_labels[i * k : (i + 1) * k] for i in range(len(rows))]
-    grid = neighbour_grid(q_imgs, n_imgs, s.mean, s.std, q_labels, n_labels, top_sim)
+    grid = neighbour_grid(q_imgs, n_imgs, s.mean, s.std, q_labels, n_labels)
     tmp = path.with_suffix(".tmp.png")
     grid.save(tmp)
     os.replace(tmp, path)
@@ -203,10 +203,10 @@ def data_config(source: str, embedder: Embedder, workers: int):
     synthetic_samples, ...), then the transform's mean / std / crop_pct and --workers."""
     from omegaconf import OmegaConf
 
-    from mae.embed import _base_data
+    from mae.embed import base_data
     from mae.weights import _run_config
 
-    data = dict(_base_data())
+    data = dict(base_data())
     run = _run_config(Path(source))
     if run is not None and "data" in run:
         data.update(OmegaConf.to_container(run.data))
@@ -272,6 +272,9 @@ def run(opts: argparse.Namespace) -> int:
         if queries is not None:
             if not len(queries.ids):
                 raise EmbedError(f"--knn {val!r}: no readable image ({queries.skipped} skipped)")
+            for flag, source, e in (("DATA", data, bank), ("--knn", val, queries)):
+                if (e.labels < 0).any():
+                    raise EmbedError(f"{flag} {source!r} has unlabelled samples; the k-NN needs every label")
             top1 = knn_figure(bank, queries, k)
             say(f"k-NN top-1 of {val} against {data} ({k}-NN, cosine, T 0.07; {len(queries.ids)} queries, "
                 f"{len(bank.ids)} in the bank): {top1:.2f}% ({round(top1 * len(queries.ids) / 100)} right)")  # fmt: skip
@@ -279,7 +282,7 @@ def run(opts: argparse.Namespace) -> int:
             draw_neighbours(out / "neighbours.png", embedder, cfg, bank, data, opts.neighbours, classes,
                             queries, val)  # fmt: skip
             say(f"wrote {out / 'neighbours.png'}")
-    except (EmbedError, DataError, ConfigError, ImageDecodeError) as e:
+    except (EmbedError, DataError, ConfigError, ImageDecodeError, OSError) as e:
         print(f"mae-embed: error: {e}", file=sys.stderr)
         return 2
     return 0

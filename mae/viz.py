@@ -74,10 +74,10 @@ def figure(panels, mean, std, min_size: int = 112) -> Image.Image:
 
 
 def neighbour_grid(queries: torch.Tensor, neighbours: torch.Tensor, mean, std, query_labels: list[str],
-                   neighbour_labels: list[list[str]], sims: torch.Tensor, min_size: int = 64) -> Image.Image:  # fmt: skip
+                   neighbour_labels: list[list[str]], min_size: int = 64) -> Image.Image:  # fmt: skip
     """Queries (Q, C, H, W) and their nearest neighbours (Q, K, C, H, W), normalised, one row per query:
-    the query, then the neighbours by decreasing cosine similarity `sims` (Q, K). Each tile is captioned
-    with its label (and the similarity); a neighbour of the query's label is framed green, another red."""
+    the query, then its neighbours, nearest first. Each tile is captioned with its label; a neighbour of the
+    query's label is framed green, another red (no frames where labels are unknown)."""
     q, k, _, h, w = neighbours.shape
     scale = max(1, -(-min_size // max(h, w)))
     ph, pw, pad, head, cap = h * scale, w * scale, 6, 14, 12
@@ -92,18 +92,17 @@ def neighbour_grid(queries: torch.Tensor, neighbours: torch.Tensor, mean, std, q
     chars = max(4, pw // 6)
     for i in range(q):
         y = head + pad + i * (ph + cap + pad)
-        tiles = [(queries[i], pad, query_labels[i], None)]
+        tiles = [(queries[i], pad, query_labels[i], False)]
         for j in range(k):
             x = pad + gap + (j + 1) * (pw + pad)
-            tiles.append((neighbours[i, j], x, neighbour_labels[i][j], float(sims[i, j])))
-        for img, x, label, sim in tiles:
+            tiles.append((neighbours[i, j], x, neighbour_labels[i][j], True))
+        for img, x, label, is_neighbour in tiles:
             tile = Image.fromarray(_to_uint8(img, mean, std)).resize((pw, ph), Image.NEAREST)
             canvas.paste(tile, (x, y))
-            if sim is not None and label and query_labels[i]:
+            if is_neighbour and label and query_labels[i]:
                 colour = (0, 160, 0) if label == query_labels[i] else (210, 0, 0)
                 draw.rectangle((x - 2, y - 2, x + pw + 1, y + ph + 1), outline=colour, width=2)
-            text = label[:chars] if sim is None else f"{sim:.2f} {label}"[:chars]
-            draw.text((x, y + ph + 1), text, fill="black", font=font)
+            draw.text((x, y + ph + 1), label[:chars], fill="black", font=font)
     return canvas
 
 
