@@ -205,6 +205,37 @@ def test_every_source_kind_gives_the_run_embeddings(tiny, tmp_path):
     assert any("channels: 3 -> 1" in n for n in notes) and any("4x4 -> 6x6" in n for n in notes)
 
 
+def test_a_global_pool_classifier_gives_its_pre_logits(tiny, tmp_path):
+    """A classifier fine-tuned with global pooling has fc_norm instead of the final norm: --pool mean is timm's
+    pre-logits feature (the mean patch token through fc_norm), the head left out."""
+    from mae.models import create_vit
+
+    _, _, images = tiny
+    torch.manual_seed(1)
+    vit = create_vit(
+        "vit_tiny_patch16",
+        num_classes=5,
+        global_pool=True,
+        **{k: TINY[k] for k in TINY if not k.startswith("decoder")},
+    ).eval()
+    torch.nn.init.normal_(vit.fc_norm.weight)  # not the identity a fresh LayerNorm is
+    save_file(vit.state_dict(), str(tmp_path / "classifier.safetensors"))
+    e = Embedder.from_pretrained(tmp_path / "classifier.safetensors", num_heads=2, mean=[0.3], std=[0.3])
+    pixels = e.preprocess(_files(images))
+    with torch.no_grad():
+        expected = vit.forward_head(vit.forward_features(pixels), pre_logits=True)
+    torch.testing.assert_close(e(pixels), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_bf16_by_default_close_to_the_cpu(tiny):
+    _, run, images = tiny
+    gpu, cpu = Embedder.from_pretrained(run), Embedder.from_pretrained(run, device="cpu")
+    assert gpu.device.type == "cuda" and gpu.precision == "bf16" and cpu.precision == "fp32"
+    pixels = cpu.preprocess(_files(images))
+    torch.testing.assert_close(gpu(pixels), cpu(pixels), rtol=0.05, atol=0.05)
+
+
 def test_hf_export_in_transformers_gives_the_same_embeddings(tiny, tmp_path):
     transformers = pytest.importorskip("transformers")
     from mae.export import main as export
