@@ -13,11 +13,11 @@ mean / std, channels) is the one the source records (a run's config.yaml, an exp
 the flags'; a flag given for a recorded value replaces it and says so. The same command writes the same bytes.
 
 --pool mean (default): the mean of the patch tokens after the final norm, the feature the pretraining's k-NN
-monitor scores (so --knn reproduces its figure) and the one Hugging Face's ViTMAEModel gives as
-`last_hidden_state[:, 1:].mean(1)` with mask_ratio=0. MAE trains the patch tokens (the loss reconstructs
-patches from them); its cls token takes no part in the loss. --pool cls: the cls token after the final norm,
-the linear probe's input (the reference probe's choice). --pool tokens: every patch token, (N, L, D) in
-row-major patch order. --layer K: the output of block K (1..depth; -1 the last) through the final norm.
+monitor scores (so --knn reproduces its figure), the reference fine-tuning's global average pooling and what
+Hugging Face's ViTMAEModel gives as `last_hidden_state[:, 1:].mean(1)` with mask_ratio=0. --pool cls: the cls
+token after the final norm, the linear probe's input (the reference probe's choice; neither read-out wins on
+every encoder: compare them with --knn). --pool tokens: every patch token, (N, L, D) in row-major patch order.
+--layer K: the output of block K (1..depth; -1 the last) through the final norm.
 
 Library use (no accelerate, no wandb):
     from mae.embed import Embedder

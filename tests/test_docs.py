@@ -125,6 +125,13 @@ RUN = {
         f"{{doc}} {TRANSFER}",
     "python experiments/digits.py report runs":
         "{doc}",
+    # docs/transfer.md: embeddings
+    "mae-embed runs/demo fashion-mnist out/demo_monitor --max-samples 5000 --knn fashion-mnist:test --knn-max-samples 1000":
+        "{doc} --max-samples 300 --knn-max-samples 100",
+    "mae-embed runs/demo fashion-mnist out/demo_emb --knn fashion-mnist:test --neighbours 5":
+        "{doc} --max-samples 300 --knn-max-samples 100",
+    "mae-embed runs/demo fashion-mnist out/demo_emb_cls --pool cls --knn fashion-mnist:test":
+        "{doc} --max-samples 300 --knn-max-samples 100",
 }  # fmt: skip
 
 SUITE = "the test suite itself (this test is part of it); CI runs it (.ci/run)"
