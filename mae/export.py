@@ -81,7 +81,7 @@ def infer_mae_args(sd: dict, num_heads: int | None = None, decoder_num_heads: in
 
 
 def describe_source(source: str | Path, opts: argparse.Namespace | None = None) -> tuple[dict, dict, dict]:
-    """(state dict in our names, MaskedAutoencoder arguments, extras: mask_ratio, mean, std)."""
+    """(state dict in our names, MaskedAutoencoder arguments, extras: mask_ratio, mean, std, crop_pct)."""
     sd = load_state_dict_any(source)
     args, extras = read_recorded(source)
     if args is None:
@@ -147,6 +147,13 @@ def export_timm(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path
     if mean is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if C == 3 else ([0.5] * C, [0.5] * C)
     H, W = model.patch_embed.img_size
+    recorded_crop = extras.get("crop_pct")
+    if recorded_crop is not None:  # the run's evaluation crop (0: the reference's rule, resolved here)
+        from mae.data.transforms import eval_crop_pct
+
+        crop_pct = eval_crop_pct(recorded_crop, min(H, W))
+    else:
+        crop_pct = 0.9
     config = dict(
         architecture=arch,
         num_classes=num_classes,
@@ -159,7 +166,7 @@ def export_timm(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path
             input_size=[C, H, W],
             fixed_input_size=True,
             interpolation="bicubic",
-            crop_pct=0.9,
+            crop_pct=crop_pct,
             crop_mode="center",
             mean=list(mean),
             std=list(std),

@@ -1,4 +1,5 @@
 """Reconstruction figures: original | masked | reconstruction | reconstruction + visible, one row per image.
+Also the nearest-neighbour grid of `mae-embed --neighbours`.
 
 mae-viz runs/demo IMAGE [IMAGE ...] --out recon.png      # any run dir or checkpoint, any images
 """
@@ -69,6 +70,39 @@ def figure(panels, mean, std, min_size: int = 112) -> Image.Image:
         for j, p in enumerate(panels):
             tile = Image.fromarray(_to_uint8(p[i], mean, std)).resize((pw, ph), Image.NEAREST)
             canvas.paste(tile, (pad + j * (pw + pad), head + pad + i * (ph + pad)))
+    return canvas
+
+
+def neighbour_grid(queries: torch.Tensor, neighbours: torch.Tensor, mean, std, query_labels: list[str],
+                   neighbour_labels: list[list[str]], min_size: int = 64) -> Image.Image:  # fmt: skip
+    """Queries (Q, C, H, W) and their nearest neighbours (Q, K, C, H, W), normalised, one row per query:
+    the query, then its neighbours, nearest first. Each tile is captioned with its label; a neighbour of the
+    query's label is framed green, another red (no frames where labels are unknown)."""
+    q, k, _, h, w = neighbours.shape
+    scale = max(1, -(-min_size // max(h, w)))
+    ph, pw, pad, head, cap = h * scale, w * scale, 6, 14, 12
+    gap = 12  # between the query column and the neighbours
+    width = (k + 1) * (pw + pad) + pad + gap
+    canvas = Image.new("RGB", (width, head + q * (ph + cap + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((pad, 1), "query", fill="black", font=font)
+    for j in range(k):
+        draw.text((pad + gap + (j + 1) * (pw + pad), 1), f"{j + 1}", fill="black", font=font)
+    chars = max(4, pw // 6)
+    for i in range(q):
+        y = head + pad + i * (ph + cap + pad)
+        tiles = [(queries[i], pad, query_labels[i], False)]
+        for j in range(k):
+            x = pad + gap + (j + 1) * (pw + pad)
+            tiles.append((neighbours[i, j], x, neighbour_labels[i][j], True))
+        for img, x, label, is_neighbour in tiles:
+            tile = Image.fromarray(_to_uint8(img, mean, std)).resize((pw, ph), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+            if is_neighbour and label and query_labels[i]:
+                colour = (0, 160, 0) if label == query_labels[i] else (210, 0, 0)
+                draw.rectangle((x - 2, y - 2, x + pw + 1, y + ph + 1), outline=colour, width=2)
+            draw.text((x, y + ph + 1), label[:chars], fill="black", font=font)
     return canvas
 
 

@@ -317,13 +317,14 @@ def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
     """(architecture, extras) that a source records beside its weights: a run's config.yaml, a Hugging Face
     ViTMAE config.json, or the config.json of our `--to mae` / `--to timm` exports. The architecture is given as
     MaskedAutoencoder arguments (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio and, for
-    full models, the decoder's); None for a bare file. Extras: mask_ratio, mean, std where recorded."""
+    full models, the decoder's); None for a bare file. Extras: mask_ratio, mean, std and the evaluation's
+    crop_pct (data.crop_pct as the run set it: 0 = the reference's rule) where recorded."""
     src = Path(source)
-    extras = dict(mask_ratio=0.75, mean=None, std=None)
+    extras = dict(mask_ratio=0.75, mean=None, std=None, crop_pct=None)
     hf_cfg, run_cfg = read_hf_config(src), _run_config(src)
     own_cfg = src / "config.json" if src.is_dir() else src.parent / "config.json"
     if hf_cfg is not None:
-        extras.update(mask_ratio=hf_cfg.get("mask_ratio", 0.75))
+        extras.update(mask_ratio=hf_cfg.get("mask_ratio", 0.75), **_hf_preprocessor_norm(own_cfg.parent))
         return mae_args_from_hf_config(hf_cfg), extras
     if run_cfg is not None:
         if "model" not in run_cfg or "name" not in run_cfg.model:
@@ -337,6 +338,7 @@ def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
             args.pop(runtime_only, None)
         if "data" in run_cfg:
             extras.update(mean=list(run_cfg.data.mean), std=list(run_cfg.data.std))
+            extras.update(crop_pct=float(run_cfg.data.get("crop_pct", 0.0)))
         extras.update(mask_ratio=run_cfg.model.get("mask_ratio", 0.75))
         return args, extras
     if not own_cfg.is_file():
@@ -346,13 +348,25 @@ def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
     except ValueError:
         return None, extras
     if "mae_model_args" in cfg:
-        extras.update({k: cfg[k] for k in ("mask_ratio", "mean", "std") if k in cfg})
+        extras.update({k: cfg[k] for k in ("mask_ratio", "mean", "std", "crop_pct") if k in cfg})
         return dict(cfg["mae_model_args"]), extras
     if "architecture" in cfg:  # a timm directory: our export (model_args) or timm's own config.json
         pre = cfg.get("pretrained_cfg") or {}
-        extras.update(mean=pre.get("mean"), std=pre.get("std"))
+        extras.update(mean=pre.get("mean"), std=pre.get("std"), crop_pct=pre.get("crop_pct"))
         return _timm_arch(cfg["architecture"], cfg.get("model_args") or {}), extras
     return None, extras
+
+
+def _hf_preprocessor_norm(directory: Path) -> dict:
+    """mean / std of a Hugging Face image processor's `preprocessor_config.json` beside the weights, if any."""
+    path = directory / "preprocessor_config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        cfg = {}
+    if not isinstance(cfg, dict) or cfg.get("image_mean") is None or cfg.get("image_std") is None:
+        return {}
+    return dict(mean=list(cfg["image_mean"]), std=list(cfg["image_std"]))
 
 
 def _timm_arch(architecture: str, model_args: dict) -> dict | None:

@@ -32,6 +32,8 @@ class RawBatch:
     deferred_at: torch.Tensor | None = None  # (m,) int64: positions of the encoded samples in the batch
     render: torch.Tensor | None = None  # (B',) int64: sample indices drawn on the device (synthetic data)
     names: list[str] | None = None  # (m,) the encoded samples' names, for the bad-sample log
+    ids: torch.Tensor | None = None  # (B',) int64: the kept samples' places in their source (eval loaders)
+    keys: list[str] | None = None  # (B',) their names: file, `#index`, `shard:key` (eval loaders)
 
     def pin_memory(self) -> RawBatch:  # called by the DataLoader's pin-memory thread
         return replace(self, pixels=self.pixels.pin_memory(), labels=self.labels.pin_memory())
@@ -48,17 +50,23 @@ class RawBatch:
 
 
 def assemble(items: list, labels: list[int], n_bad: int, shape: tuple[int, int, int], norm=None,
-             badlog: BadSampleLog | None = None) -> RawBatch:  # fmt: skip
+             badlog: BadSampleLog | None = None, ids: list[int] | None = None,
+             keys: list[str] | None = None) -> RawBatch:  # fmt: skip
     """Worker side: samples (a (C, H, W) tensor, or a DeferredCrop) -> one RawBatch; an all-bad batch has B' = 0.
+    `ids` and `keys` (eval loaders): each sample's place in its source and its name, kept with it.
 
     Multi-band samples (TIFF / .npy) arrive normalised float32. When a batch holds them together with uint8
     crops or encoded JPEGs (a folder that mixes both kinds), the others are decoded and normalised here with
     `norm` = (mean, std), by the operations of `normalize`, so the whole batch is float32 and normalised."""
     if norm is not None and any(_is_float(x) for x in items) and not all(_is_float(x) for x in items):
-        items, labels, n_bad = _all_normalised(items, labels, n_bad, shape, norm, badlog or BadSampleLog())
+        items, kept, n_bad = _all_normalised(items, n_bad, shape, norm, badlog or BadSampleLog())
+        labels = [labels[k] for k in kept]
+        ids, keys = (None if v is None else [v[k] for k in kept] for v in (ids, keys))
     done = [x for x in items if not isinstance(x, DeferredCrop)]
     pixels = torch.stack(done) if done else torch.empty(0, *shape, dtype=torch.uint8)
     batch = RawBatch(pixels, torch.tensor(labels, dtype=torch.int64), n_bad)
+    if ids is not None:
+        batch.ids, batch.keys = torch.tensor(ids, dtype=torch.int64), list(keys)
     deferred = [(k, x) for k, x in enumerate(items) if isinstance(x, DeferredCrop)]
     if deferred:
         sizes = [len(x.data) for _, x in deferred]
@@ -75,12 +83,13 @@ def _is_float(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
-def _all_normalised(items: list, labels: list[int], n_bad: int, shape, norm, badlog: BadSampleLog):
+def _all_normalised(items: list, n_bad: int, shape, norm, badlog: BadSampleLog):
     """Every item of a mixed batch as a normalised float32 (C, H, W): JPEGs left for the device are
-    decoded and cropped here (crop_here), uint8 crops normalised; a JPEG that does not decode is dropped."""
+    decoded and cropped here (crop_here), uint8 crops normalised; a JPEG that does not decode is dropped.
+    Returns (items, positions of the kept ones, n_bad)."""
     mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in norm)
     out, kept = [], []
-    for x, y in zip(items, labels):
+    for k, x in enumerate(items):
         if isinstance(x, DeferredCrop):
             try:
                 x = crop_here(x, shape[0], shape[1])
@@ -89,7 +98,7 @@ def _all_normalised(items: list, labels: list[int], n_bad: int, shape, norm, bad
                 n_bad += 1
                 continue
         out.append(x if x.is_floating_point() else normalize(x[None], mean, std)[0])
-        kept.append(y)
+        kept.append(k)
     return out, kept, n_bad
 
 

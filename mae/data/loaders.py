@@ -11,11 +11,18 @@ from functools import partial
 import numpy as np
 import torch
 
-from .bands import band_mismatch, decode_bands, is_array_ext, read_array
+from .bands import band_mismatch, decode_bands, decode_sample, is_array_ext, read_array
 from .device import Finisher, Prefetcher, RawBatch, assemble
 from .images import SUPPORTED_CHANS, BadSampleLog, ImageDecodeError, decode_image
 from .jpeg import CropDraw, worker_sample
-from .shards import ShardSet, ShardStream, first_shard_samples, resolve_shards, shard_num_samples
+from .shards import (
+    ShardSet,
+    ShardStream,
+    first_shard_samples,
+    resolve_shards,
+    shard_num_samples,
+    shard_samples_at,
+)
 from .sources import (
     ArraySource,
     DataError,
@@ -35,12 +42,13 @@ class _MapDataset(torch.utils.data.Dataset):
     """Item (index, position) -> (image tensor or DeferredCrop, label), or None for a bad sample; the
     augmentation is seeded from (seed, epoch, position in the epoch), so it does not depend on which worker
     loads it. With `draw` (MAE crops) JPEG files go through mae.data.jpeg.worker_sample: cropped here, or
-    left encoded for the device when `to_device` (data.decode=device)."""
+    left encoded for the device when `to_device` (data.decode=device). `keyed` (eval): the item also carries
+    the sample's index and name, (x, label, index, name)."""
 
     def __init__(self, source, transform, in_chans: int, seed: int, epoch: int, draw: CropDraw | None = None,
-                 to_device: bool = False):  # fmt: skip
+                 to_device: bool = False, keyed: bool = False):  # fmt: skip
         self.source, self.transform, self.in_chans = source, transform, in_chans
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.keyed = seed, epoch, keyed
         self.labels = np.asarray(source.labels)
         self.badlog = BadSampleLog()
         self.draw = draw if hasattr(source, "read") else None  # only files have encoded bytes
@@ -65,16 +73,18 @@ class _MapDataset(torch.utils.data.Dataset):
         except (ImageDecodeError, OSError) as e:
             self.badlog(self.source.name(i), str(e))
             return None
-        return x, int(self.labels[i])
+        return (x, int(self.labels[i]), i, self.source.name(i)) if self.keyed else (x, int(self.labels[i]))
 
 
-def _collate(items, shape, norm, badlog) -> RawBatch:
+def _collate(items, shape, norm, badlog, keyed: bool = False) -> RawBatch:
     good = [it for it in items if it is not None]
-    return assemble([x for x, _ in good], [y for _, y in good], len(items) - len(good), shape, norm, badlog)
+    tags = dict(ids=[it[2] for it in good], keys=[it[3] for it in good]) if keyed else {}
+    xs, ys, n_bad = [it[0] for it in good], [it[1] for it in good], len(items) - len(good)
+    return assemble(xs, ys, n_bad, shape, norm, badlog, **tags)
 
 
 def _map_loader(dataset: _MapDataset, workers: int, order: np.ndarray, bounds, shape, norm):
-    collate = partial(_collate, shape=shape, norm=norm, badlog=dataset.badlog)
+    collate = partial(_collate, shape=shape, norm=norm, badlog=dataset.badlog, keyed=dataset.keyed)
     return _data_loader(dataset, workers, batch_sampler=_Batches(order, bounds), collate_fn=collate)
 
 
@@ -160,7 +170,9 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Every sample of the source once across ranks (no padding, no drop_last), in a fixed order."""
+    """Every sample of the source once across ranks (no padding, no drop_last), in a fixed order.
+
+    Iterating gives (images, labels, n_bad) per batch; `keyed()` also says which samples a batch holds."""
 
     def __init__(self, *, num_samples: int, num_classes: int, loader, finish: Finisher):
         self.num_samples, self.num_classes = num_samples, num_classes
@@ -168,6 +180,17 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         return iter(Prefetcher(self._loader, torch.device("cpu"), self._finish))
+
+    def keyed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], int]]:
+        """(images (B', C, S, S) float32, labels (B',), ids (B',) int64, names (B'), n_bad) on the CPU. ids: each
+        kept sample's place in the source's own order (index of a built-in set or folder listing; for shards
+        shard number << 32 | sample number in its tar), so sorting the ids of every rank's batches gives the
+        samples in the source's order whatever the ranks and workers; names as the bad-sample log gives them."""
+        cpu = torch.device("cpu")
+        for raw in self._loader:
+            images, labels, n_bad = self._finish(raw, cpu)
+            ids = raw.ids if raw.ids is not None else torch.empty(0, dtype=torch.int64)
+            yield images, labels, ids, raw.keys or [], n_bad
 
 
 def _check(in_chans: int, batch_size: int, rank: int, world_size: int) -> None:
@@ -360,6 +383,28 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
         order = balanced_order(np.asarray(src.labels), SUBSET_SEED)[:max_samples]
     lo, hi = len(order) * rank // world_size, len(order) * (rank + 1) // world_size
     bounds = [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
-    dataset = _MapDataset(src, transform, in_chans, SUBSET_SEED, 0)
+    dataset = _MapDataset(src, transform, in_chans, SUBSET_SEED, 0, keyed=True)
     loader = _map_loader(dataset, workers, order, bounds, shape, norm)
     return EvalLoader(num_samples=len(order), num_classes=_num_classes(src), loader=loader, finish=finish)
+
+
+def read_by_ids(cfg, *, source: str, ids, img_size: int, in_chans: int) -> list[torch.Tensor]:
+    """The samples `ids` of a source (the ids EvalLoader.keyed gives) through the eval transform, each a
+    normalised float32 (C, img_size, img_size), in the order of `ids`: what the model saw, for figures.
+    Raises ImageDecodeError for a sample that does not decode."""
+    transform = build_transform(cfg, "none", img_size, in_chans)
+    ids = [int(i) for i in ids]
+    if not is_shard_source(source):
+        src = map_source(cfg, source, img_size=img_size, train=False)
+        return [transform(src.load(i, in_chans)) for i in ids]
+    urls, found = resolve_shards(source).urls, {}
+    for shard in sorted({i >> 32 for i in ids}):
+        numbers = {i & 0xFFFFFFFF for i in ids if i >> 32 == shard}
+        for k, (_, ext, data) in shard_samples_at(urls[shard], numbers).items():
+            found[(shard << 32) | k] = decode_sample(data, ext, in_chans)
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ImageDecodeError(
+            f"sample {missing[0] & 0xFFFFFFFF} of shard {urls[missing[0] >> 32]} not found"
+        )
+    return [transform(found[i]) for i in ids]

@@ -207,6 +207,23 @@ def first_shard_samples(url: str, n: int) -> list[tuple[str, str, bytes]]:
     return out
 
 
+def shard_samples_at(url: str, numbers: set[int]) -> dict[int, tuple[str, str, bytes]]:
+    """{number: (name, image extension, bytes)} of the samples with those numbers in a shard (counted as the
+    eval stream's ids count them: samples in tar order, from 0). A sample without an image member is left out."""
+    out = {}
+    if not numbers:
+        return out
+    for k, sample in enumerate(wds.tarfile_to_samples()(iter([{"url": url}]))):
+        if k in numbers:
+            sample = {key.lower() if not key.startswith("__") else key: v for key, v in sample.items()}
+            ext = image_member(sample)
+            if ext is not None:
+                out[k] = (f"{url}:{sample['__key__']}", ext, sample[ext])
+        if k >= max(numbers):
+            break
+    return out
+
+
 def image_member(sample: dict) -> str | None:
     """The extension of the image member of a webdataset sample (jpg, png, ...), or None."""
     return next((e for e in IMAGE_EXTS if e in sample), None)
@@ -344,11 +361,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.train:
             urls = [urls[i] for i in pass_order(len(urls), self.seed, self.epoch, p)]
         if len(urls) >= total:
-            yield from self._samples(urls[self.rank :: self.world_size][role::nw])
+            yield from self._numbered(urls[self.rank :: self.world_size][role::nw])
         else:
-            for i, s in enumerate(self._samples(urls)):
+            for i, s in enumerate(self._numbered(urls)):
                 if i % total == g:
                     yield s
+
+    def _numbered(self, urls):
+        """The raw samples of `urls`, each with its place in the set's order as "__id__": the shard's number
+        in the set << 32 | the sample's number in its tar."""
+        place = {u: i for i, u in enumerate(self.urls)}
+        last, k = None, 0
+        for s in self._samples(urls):
+            url = s.get("__url__")
+            k, last = (k + 1 if url == last else 0), url
+            s["__id__"] = (place.get(url, 0) << 32) | k
+            yield s
 
     def _resampled(self, role: int, nw: int):
         """Shards drawn with replacement, independently per (rank, worker): an endless stream."""
@@ -363,6 +391,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode_batch(self, group: list[dict], role: int, pos0: int):
         items, labels, n_bad = [], [], self.tar_errors
+        ids, keys = [], []
         self.tar_errors = 0
         for j, sample in enumerate(group):
             sample = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
@@ -384,4 +413,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self.badlog(name, str(e))
                 continue
             labels.append(label)
-        return assemble(items, labels, n_bad, self.shape, self.norm, self.badlog)
+            ids.append(sample.get("__id__", -1))
+            keys.append(name)
+        tags = {} if self.train else dict(ids=ids, keys=keys)  # eval: which samples the batch holds
+        return assemble(items, labels, n_bad, self.shape, self.norm, self.badlog, **tags)
