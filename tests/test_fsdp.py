@@ -80,10 +80,21 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows(out)]
 
 
+KEY_BIAS_ATOL = 1e-4
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
+    """Equal to 1e-6, except the key bias (the middle third of each qkv bias): softmax ignores a shift shared by
+    all keys, so its true gradient is zero and AdamW turns the rounding noise of another reduction order into
+    steps of up to ~lr x noise / eps (seen: 2e-6 after 6 steps on an AVX2-only CPU, where all else is within 6e-8)."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):
+            n = x.numel() // 3
+            torch.testing.assert_close(x[n : 2 * n], y[n : 2 * n], rtol=0, atol=KEY_BIAS_ATOL, msg=k)
+            x, y = torch.cat([x[:n], x[2 * n :]]), torch.cat([y[:n], y[2 * n :]])
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=k)
 
 
 def cut_back(run: Path, copy: Path, step: int) -> Path:
