@@ -6,7 +6,7 @@
 
 `scenes` writes DIR/images/<i>.png and DIR/masks/<i>.png for the first COUNT fashion-mnist-scenes test scenes:
 the folder layout mae/segment.py reads, and images for mae-segment-predict. `figure` shows COUNT test scenes
-as rows of image | truth | prediction (classes coloured, ignore in white). `report` reads the four runs the
+as rows of image | truth | prediction (classes coloured, ignore in white) above the colour legend. `report` reads the four runs the
 docs' commands leave under RUNS (segment_demo, segment_demo_scratch, segment_demo_linear,
 segment_demo_linear_random) and prints their last evaluation as a markdown table.
 """
@@ -61,9 +61,25 @@ def figure(run: Path, out: Path, count: int) -> Path:
         gap = np.full((canvas.shape[0], 4, 3), 255, np.uint8)
         rows.append(np.concatenate([grey, gap, truth.astype(np.uint8), gap, colours[pred]], axis=1))
     sheet = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+    big = Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST).save(out)
+    with_legend(big, list(src.classes) + ["ignore (255)"], [*map(tuple, colours), (255, 255, 255)]).save(out)
     return out
+
+
+def with_legend(img: Image.Image, names: list[str], colours: list[tuple]) -> Image.Image:
+    """The picture above a legend: a swatch and the name of each class, in two columns."""
+    from PIL import ImageDraw
+
+    rows, line = -(-len(names) // 2), 16
+    sheet = Image.new("RGB", (img.width, img.height + rows * line + 8), "white")
+    sheet.paste(img, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, colour) in enumerate(zip(names, colours)):
+        x, y = (i // rows) * img.width // 2 + 4, img.height + 4 + (i % rows) * line
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=colour, outline=(128, 128, 128))
+        draw.text((x + 16, y + 1), name, fill=(0, 0, 0))
+    return sheet
 
 
 def report(runs: Path) -> str:
