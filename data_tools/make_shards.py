@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -447,13 +448,24 @@ class _pool:
     def __enter__(self):
         if self.workers <= 1:
             return map
-        self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+        self.pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_worker_signals)
         return lambda f, jobs: self.pool.imap(f, jobs, chunksize=8)
 
-    def __exit__(self, *exc):
-        if self.pool is not None:
+    def __exit__(self, exc_type, *exc):
+        if self.pool is None:
+            return
+        if exc_type is None:  # every job done: the workers leave at the pool's end-of-work sentinel
+            self.pool.close()
+        else:
             self.pool.terminate()
-            self.pool.join()
+        self.pool.join()
+
+
+def _worker_signals() -> None:
+    """A forked worker takes SIGTERM as the default (Pool.terminate stops it so, also when the parent had a
+    Python handler of its own) and ignores SIGINT (Ctrl-C reaches the whole group; the parent stops the pool)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------ cli

@@ -589,9 +589,12 @@ def run_entry(
         cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
         if "print-config" in flags:
             return cli.print_config(cfg)
-        acc = make_accelerator(cfg)
-        seed_everything(cfg.seed, acc.process_index)
-        rc = train(cfg, acc, build_task(cfg, acc))
+        acc = make_accelerator(cfg)  # installs the stop-signal handlers
+        try:
+            seed_everything(cfg.seed, acc.process_index)
+            rc = train(cfg, acc, build_task(cfg, acc))
+        finally:  # also when building the task fails: the caller's own handlers come back
+            STOP.restore()
     except (ConfigError, DataError) as e:
         if not getattr(e, "quiet", False):
             print(f"error: {e}", file=sys.stderr)

@@ -190,3 +190,20 @@ def test_held_out_images_of_the_same_classes_pass(capsys, digits):
     assert pretrain.main(args) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["data"]["val"] == str(digits) and cfg["log"]["knn_every_steps"] == 78
+
+
+def test_an_error_while_building_the_run_gives_the_callers_signal_handlers_back(tmp_path, capsys):
+    """The stop handlers are installed before the model and data are built; when building fails (here a
+    data path that does not exist), the process, a notebook or a test runner, gets its own handlers back."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    args = [
+        "recipe=demo",
+        f"data.train={tmp_path / 'missing'}",
+        "data.val=",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert pretrain.main(args) == 2
+    assert "missing" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -259,3 +259,38 @@ def test_pretrain_from_built_shards(tmp_path):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps[-1] == 3 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+WORKER_SIGNALS = """
+import signal
+from data_tools import make_shards
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # the parent's own handler, one that returns
+
+
+def handlers(_):
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+with make_shards._pool(2) as imap:
+    print(sorted(set(imap(handlers, range(16)))))
+try:
+    with make_shards._pool(2) as imap:  # an error mid-build: the pool is terminated, and ends
+        next(iter(imap(handlers, range(1000))))
+        raise RuntimeError
+except RuntimeError:
+    print("ended")
+"""
+
+
+def test_shard_workers_take_the_default_sigterm_so_the_pool_always_ends():
+    """make_shards' forked workers do not keep a parent's Python SIGTERM handler (a training entry point's, a
+    notebook's): Pool.terminate stops them with SIGTERM, and a worker whose inherited handler returns would wait
+    forever on the pool's queue lock (seen as a hung test suite). They ignore SIGINT: Ctrl-C reaches the whole
+    process group, and the parent ends the pool."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["[(True,", "True)]", "ended"]
