@@ -147,9 +147,8 @@ class SegmentationViT(VisionTransformer):
         freeze_encoder: bool = False,
         **vit_kwargs,
     ) -> None:
-        vit_kwargs.update(
-            num_classes=0, global_pool=True
-        )  # no head, no final norm: the tokens go to the head
+        # no classifier and no final norm: the blocks' tokens go to the head
+        vit_kwargs.update(num_classes=0, global_pool=True)
         super().__init__(**vit_kwargs)
         if head not in SEG_HEADS:
             raise ValueError(f"segmentation head {head!r}: expected one of {', '.join(SEG_HEADS)}")
@@ -174,10 +173,8 @@ class SegmentationViT(VisionTransformer):
                 self.aux_head = FCNHead(dim, max(min(channels // 3, 256), 16), num_classes)
         else:
             self.decode_head = LinearHead(dim, num_classes)
-        for (
-            name,
-            m,
-        ) in self.named_modules():  # as mmsegmentation: He init of the convs, N(0, 0.01) classifiers
+        # as mmsegmentation: He init of the head's convolutions, N(0, 0.01) for its classifiers
+        for name, m in self.named_modules():
             if not name.startswith(("neck", "decode_head", "aux_head")) or not isinstance(m, nn.Conv2d):
                 continue
             if name.endswith("conv_seg"):
