@@ -494,3 +494,23 @@ def test_two_processes_score_every_validation_pair_once(tmp_path):
     for k in ("miou", "macc", "aacc"):
         assert single[k] == pytest.approx(logged[k], abs=1e-4), k
     assert json.loads((out / "eval.json").read_text())["pairs"] == 5
+
+
+def test_the_token_probe_labels_each_patch_by_its_commonest_class_and_separates_what_is_separable():
+    """experiments/segment_demo.py tokens: a patch takes the class most of its pixels have, ignore (255) left
+    out (-1 when a patch is all ignore); the probe finds a linear rule where one exists and is at chance on
+    labels that do not depend on the features."""
+    from experiments.segment_demo import linear_probe, token_labels
+
+    m = np.zeros((1, 4, 12), np.uint8)
+    m[0, :3, :4] = 3  # 12 of 16 pixels
+    m[0, :, 4:8] = 255
+    m[0, 0, 4] = 7  # one labelled pixel among ignore
+    m[0, :, 8:] = 255
+    assert token_labels(m, 4).tolist() == [[3, 7, -1]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    assert linear_probe(x[:400], y[:400], x[400:], y[400:]) > 90
+    shuffled = y[torch.randperm(600, generator=g)]
+    assert linear_probe(x[:400], shuffled[:400], x[400:], shuffled[400:]) < 45
