@@ -129,17 +129,17 @@ def token_labels(masks: np.ndarray, patch: int) -> np.ndarray:
 
 def token_sets(count: int, split: str, size: int = 56) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"alone": ..., "scenes": ...}: (images uint8 (N, size, size), masks) of the split's first `count`."""
-    from mae.data.segmentation import IGNORE, SCENE_INK, pair_source
+    from mae.data.segmentation import garment_mask, pair_source
 
     src = pair_source(f"fashion-mnist-scenes:{split}", train=split == "train", reduce_zero_label=False)
     g = src.garments.shape[1]
     at = (size - g) // 2
     alone = np.zeros((count, size, size), np.uint8)
     alone[:, at : at + g, at : at + g] = src.garments[:count]
-    ink = src.garments[:count]
-    mask = np.where(ink >= SCENE_INK, src.labels[:count, None, None] + 1, np.where(ink > 0, IGNORE, 0))
     alone_masks = np.zeros_like(alone)
-    alone_masks[:, at : at + g, at : at + g] = mask
+    alone_masks[:, at : at + g, at : at + g] = garment_mask(
+        src.garments[:count], src.labels[:count, None, None]
+    )
     scenes = [src.draw(i) for i in range(count)]
     return {
         "alone": (alone, alone_masks),

@@ -124,6 +124,12 @@ def reduce_zero(mask: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def garment_mask(ink: np.ndarray, label) -> np.ndarray:
+    """A garment's mask in a scene: its class + 1 where the ink is >= SCENE_INK, ignore on the faint edge
+    (ink 1 .. SCENE_INK - 1), 0 elsewhere. `label` may be an array that broadcasts against `ink`."""
+    return np.where(ink >= SCENE_INK, label + 1, np.where(ink > 0, IGNORE, 0)).astype(np.uint8)
+
+
 @dataclass
 class Scenes:
     """fashion-mnist-scenes: `length` canvases, each from its own seeded draw of the split's garments."""
@@ -152,7 +158,7 @@ class Scenes:
             ink = self.garments[j]
             on = ink > 0
             canvas[y : y + g, x : x + g][on] = ink[on]
-            mask[y : y + g, x : x + g][on] = np.where(ink[on] >= SCENE_INK, self.labels[j] + 1, IGNORE)
+            mask[y : y + g, x : x + g][on] = garment_mask(ink, self.labels[j])[on]
         return canvas, mask
 
     def load(self, i: int, in_chans: int) -> tuple[torch.Tensor, np.ndarray]:
