@@ -129,13 +129,12 @@ class Embedder:
         x = images if isinstance(images, torch.Tensor) else self.preprocess(images)
         x = x.unsqueeze(0) if x.ndim == 3 else x
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            feats = self.model.forward_features(x.to(self.device, non_blocking=True))  # (N, 1 + L, D)
-            if self.pool == "cls":
-                feats = feats[:, 0]
-            elif self.pool == "mean":
-                feats = feats[:, 1:].mean(dim=1)
-            else:
-                feats = feats[:, 1:]
+            # the last block kept (truncate), through the final norm: tokens (N, L, D), cls (N, 1, D)
+            ((tokens, cls),) = self.model.forward_intermediates(
+                x.to(self.device, non_blocking=True), 1, return_prefix_tokens=True, norm=True,
+                output_fmt="NLC", intermediates_only=True,
+            )  # fmt: skip
+            feats = {"cls": cls[:, 0], "mean": tokens.mean(dim=1), "tokens": tokens}[self.pool]
             feats = self.model.fc_norm(feats)  # a global-pool classifier's norm (identity otherwise)
         return feats.float().cpu()
 
@@ -254,8 +253,8 @@ def base_data() -> dict:
 
 
 def truncate(model, layer: int | None) -> int:
-    """Keep blocks 1..K of the encoder (its final norm stays): forward_features then gives block K's
-    output through the final norm. Returns K."""
+    """Keep blocks 1..K of the encoder (its final norm stays), as timm's prune_intermediate_layers: the last
+    block's features are then block K's. Returns K."""
     depth = len(model.blocks)
     if layer is None:
         return depth

@@ -105,7 +105,8 @@ def mean_patch_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tens
     """Encoder features for k-NN: the average of the patch tokens (cls excluded), all patches visible."""
 
     def fn(images: torch.Tensor) -> torch.Tensor:
-        return model.forward_features(images)[:, 1:].mean(dim=1)
+        last = model.forward_intermediates(images, 1, norm=True, output_fmt="NLC", intermediates_only=True)
+        return last[0].mean(dim=1)
 
     return fn
 

@@ -22,7 +22,7 @@ from torch import nn
 
 # Methods other than forward that run the model on their own (k-NN features); FSDP gathers the root's
 # weights around them as it does around forward.
-FORWARD_METHODS = ("forward_features",)
+FORWARD_METHODS = ("forward_features", "forward_intermediates")
 
 
 def enabled(cfg, num_processes: int) -> bool:

@@ -331,6 +331,67 @@ def test_vit_classifier_is_key_and_output_identical_to_timm(global_pool):
     assert isinstance(create_vit("vit_tiny_patch16", num_classes=0, img_size=32).head, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("global_pool", [True, False])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(indices=None),
+        dict(indices=2, norm=True),
+        dict(indices=[0, -1], output_fmt="NLC"),
+        dict(indices=[1, 2], return_prefix_tokens=True, stop_early=True),
+        dict(indices=[3], norm=True, output_fmt="NLC", intermediates_only=True),
+    ],
+)
+def test_forward_intermediates_equals_timms_on_the_same_weights(global_pool, kw):
+    """A head written against timm's VisionTransformer.forward_intermediates reads our encoder unchanged."""
+    torch.manual_seed(0)
+    ours = create_vit("vit_tiny_patch16", num_classes=0, global_pool=global_pool, img_size=32, patch_size=8,
+                      depth=4).eval()  # fmt: skip
+    theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=4,
+                               global_pool="avg" if global_pool else "token").eval()  # fmt: skip
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, want = ours.forward_intermediates(imgs, **kw), theirs.forward_intermediates(imgs, **kw)
+    if not kw.get("intermediates_only"):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)  # the final normed tokens
+        got, want = got[1], want[1]
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        for a, b in zip(g, w) if isinstance(g, tuple) else [(g, w)]:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_forward_intermediates_of_the_mae_encoder_and_other_grids():
+    """The MAE's unmasked encoder gives the same block features as a ViT with its weights; images of another
+    size (multiples of the patch) get the position table resampled to their grid, as timm's dynamic size."""
+    torch.manual_seed(0)
+    mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=3).eval()
+    vit = create_vit("vit_tiny_patch16", num_classes=0, global_pool=False, img_size=32, patch_size=8, depth=3)
+    vit.load_state_dict({k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))})
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        last = mae.forward_intermediates(imgs, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(last[0], mae.forward_features(imgs)[:, 1:], rtol=0, atol=1e-6)
+        torch.testing.assert_close(last[0], vit.eval().forward_intermediates(
+            imgs, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)[0], rtol=0, atol=1e-6)
+        wide = vit.forward_intermediates(torch.randn(2, 3, 32, 48), indices=[0, 2], intermediates_only=True)
+        theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=3,
+                                   global_pool="token", dynamic_img_size=True).eval()  # fmt: skip
+        theirs.load_state_dict(vit.state_dict(), strict=True)
+        x = torch.randn(2, 3, 32, 48)
+        ours = vit.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        want = theirs.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    assert [tuple(w.shape) for w in wide] == [(2, 192, 4, 6)] * 2
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of"):
+        vit.forward_intermediates(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="output_fmt"):
+        vit.forward_intermediates(imgs, output_fmt="NHWC")
+
+
 def test_layer_ids_follow_beit():
     vit = create_vit("vit_tiny_patch16", num_classes=10, img_size=32, patch_size=8)
     ids = {n: layer_id(n, vit.depth) for n, _ in vit.named_parameters()}

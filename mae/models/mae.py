@@ -12,6 +12,7 @@ from einops import rearrange
 
 from .vit import (
     Block,
+    BlockFeatures,
     LayerNorm,
     check_images,
     drop_path_rates,
@@ -24,7 +25,7 @@ from .vit import (
 )
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(BlockFeatures, nn.Module):
     """MAE with a ViT encoder and decoder. `model(imgs, mask_ratio, noise) -> (loss, pred, mask)`."""
 
     def __init__(

@@ -22,9 +22,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 
-from .vit import VisionTransformer, run_blocks
+from .vit import VisionTransformer
 
 SEG_HEADS = ("upernet", "linear")
 IGNORE_INDEX = 255
@@ -200,27 +199,8 @@ class SegmentationViT(VisionTransformer):
     def token_maps(self, imgs: torch.Tensor) -> list[torch.Tensor]:
         """(N, C, H, W), H and W multiples of the patch size -> the patch tokens of `out_blocks` as maps
         (N, D, H/p, W/p). Another grid than the model's gets the position table resampled to it."""
-        n, c, h, w = imgs.shape
-        p = self.patch_embed.patch_size
-        if c != self.in_chans or h % p[0] or w % p[1]:
-            raise ValueError(
-                f"expected (N, {self.in_chans}, H, W) with H, W multiples of {tuple(p)}, got {tuple(imgs.shape)}"
-            )
-        grid, own = (h // p[0], w // p[1]), tuple(self.patch_embed.grid_size)
-        x = F.conv2d(imgs, self.patch_embed.proj.weight, self.patch_embed.proj.bias, stride=p)
-        x = x.flatten(2).transpose(1, 2)
-        pos = self.pos_embed
-        if grid != own:
-            pos = resample_abs_pos_embed(pos, list(grid), list(own), num_prefix_tokens=1)
-        cls = (self.cls_token + pos[:, :1]).expand(n, -1, -1)
-        x = torch.cat([cls, x + pos[:, 1:]], dim=1)
-        maps, start = [], 0
-        checkpointing = self.grad_checkpointing and self.training and not self.freeze_encoder
-        for b in self.out_blocks:
-            x = run_blocks(self.blocks[start:b], x, checkpointing)
-            start = b
-            maps.append(x[:, 1:].transpose(1, 2).reshape(n, -1, *grid))
-        return maps
+        indices = [b - 1 for b in self.out_blocks]
+        return self.forward_intermediates(imgs, indices, stop_early=True, intermediates_only=True)
 
     def forward(self, imgs: torch.Tensor):
         size = imgs.shape[2:]

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,76 @@ def check_images(imgs: torch.Tensor, patch_embed: PatchEmbed) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# block features
+
+
+OUTPUT_FMTS = ("NCHW", "NLC")
+
+
+class BlockFeatures:
+    """`forward_intermediates` for an encoder with timm's parts (patch_embed, cls_token, pos_embed, blocks,
+    norm): the outputs of chosen blocks as feature maps, with timm's signature and meaning, so a head written
+    against timm's VisionTransformer reads ours unchanged."""
+
+    def embed_tokens(self, imgs: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(N, C, H, W), H and W multiples of the patch size -> tokens (N, 1 + L, D) with positions, cls
+        first, and the patch grid (H/p, W/p). Another grid than the model's gets the position table resampled
+        to it (bicubic, as timm's dynamic image size)."""
+        n, c, h, w = imgs.shape if imgs.ndim == 4 else (0, -1, 0, 0)
+        p = self.patch_embed.patch_size
+        if imgs.ndim != 4 or c != self.patch_embed.proj.in_channels or h % p[0] or w % p[1]:
+            raise ValueError(
+                f"expected images (N, {self.patch_embed.proj.in_channels}, H, W) with H, W multiples of "
+                f"{tuple(p)}, got {tuple(imgs.shape)}"
+            )
+        grid, own = (h // p[0], w // p[1]), tuple(self.patch_embed.grid_size)
+        x = self.patch_embed.norm(self.patch_embed.proj(imgs).flatten(2).transpose(1, 2))  # (N, L, D)
+        pos = self.pos_embed
+        if grid != own:
+            pos = resample_abs_pos_embed(pos, list(grid), list(own), num_prefix_tokens=1)
+        cls = (self.cls_token + pos[:, :1]).expand(n, -1, -1)
+        return torch.cat([cls, x + pos[:, 1:]], dim=1), grid
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """The outputs of blocks `indices` (an int n: the last n blocks; a list: 0-based block numbers, negative
+        from the end; None: every block), prefix (cls) tokens stripped, optionally through the final `norm`,
+        as maps (N, D, H/p, W/p) (`NCHW`) or tokens (N, L, D) (`NLC`). With `return_prefix_tokens`, each is a
+        (features, cls tokens (N, 1, D)) pair. Returns the list (`intermediates_only`), else (the final
+        normed tokens (N, 1 + L, D), the list). `stop_early` skips the blocks after the last one taken."""
+        if output_fmt not in OUTPUT_FMTS:
+            raise ValueError(f"output_fmt must be one of {', '.join(OUTPUT_FMTS)}, got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x, grid = self.embed_tokens(x)
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        out = []
+        for i, blk in enumerate(blocks):
+            x = checkpoint(blk, x, use_reentrant=False) if use_checkpoint else blk(x)
+            if i in take:
+                out.append(self.norm(x) if norm else x)
+        prefix = [y[:, :1] for y in out]
+        out = [y[:, 1:] for y in out]
+        if output_fmt == "NCHW":
+            out = [y.transpose(1, 2).reshape(y.shape[0], -1, *grid) for y in out]
+        if return_prefix_tokens:
+            out = list(zip(out, prefix))
+        return out if intermediates_only else (self.norm(x), out)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # classifier
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(BlockFeatures, nn.Module):
     """ViT classifier with timm's parameter names.
 
     global_pool=True: mean of the patch tokens, then `fc_norm`, then `head` (the reference fine-tuning
