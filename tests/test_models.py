@@ -372,10 +372,18 @@ def test_forward_intermediates_of_the_mae_encoder_and_other_grids():
     vit.load_state_dict({k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))})
     imgs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        last = mae.forward_intermediates(imgs, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
+        last = mae.forward_intermediates(
+            imgs, indices=1, norm=True, output_fmt="NLC", intermediates_only=True
+        )
         torch.testing.assert_close(last[0], mae.forward_features(imgs)[:, 1:], rtol=0, atol=1e-6)
-        torch.testing.assert_close(last[0], vit.eval().forward_intermediates(
-            imgs, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            last[0],
+            vit.eval().forward_intermediates(
+                imgs, indices=1, norm=True, output_fmt="NLC", intermediates_only=True
+            )[0],
+            rtol=0,
+            atol=1e-6,
+        )
         wide = vit.forward_intermediates(torch.randn(2, 3, 32, 48), indices=[0, 2], intermediates_only=True)
         theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=3,
                                    global_pool="token", dynamic_img_size=True).eval()  # fmt: skip
