@@ -26,11 +26,12 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mae.bench import _block_flops, matmul_peak  # noqa: E402
-from mae.build import build_mae  # noqa: E402
-from mae.config import load_config, to_yaml  # noqa: E402
+from mae.config import to_yaml  # noqa: E402
 from mae.embed import Embedder  # noqa: E402
 from mae.embed import main as embed  # noqa: E402
+from mae.perf.step import _block_flops, matmul_peak  # noqa: E402
+from mae.tasks import load_config  # noqa: E402
+from mae.weights.build import build_mae  # noqa: E402
 
 MODELS = {  # name -> (run overrides, DATA)
     "demo (ViT 192-d, 6 blocks, 28 px, patch 4)": (["recipe=demo"], "fashion-mnist:test"),

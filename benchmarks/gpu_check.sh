@@ -155,7 +155,8 @@ json.dump(env, open(sys.argv[1], "w"), indent=1)
 PY
 section attn "$PY" -c "
 import torch
-from mae.bench import DTYPES, resolve_device
+from mae.perf.grid import resolve_device
+from mae.perf.step import DTYPES
 from mae.models import create_mae, ensure_attn_backends
 device = resolve_device('${DEV[1]}')
 for backend in ('auto', 'sdpa', 'math', 'xformers'):

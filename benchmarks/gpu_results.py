@@ -158,7 +158,8 @@ def loop_run(run: Path) -> dict | None:
 def _lr_rule(batch: int, gpus: int = 8, effective: int = 4096) -> dict:
     """What recipe=vit_large derives at `batch` per GPU on `gpus` GPUs with grad_accum keeping `effective`."""
     try:
-        from mae.config import derive, load_config
+        from mae.config import derive
+        from mae.tasks import load_config
 
         accum = effective // (batch * gpus)
         cfg = load_config(["recipe=vit_large", f"train.batch_size={batch}", f"train.grad_accum={accum}"])

@@ -11,7 +11,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mae.bench import StepConfig, build_optimizer, make_step, model_builder
+from mae.perf.grid import model_builder
+from mae.perf.step import StepConfig, make_step
+from mae.perf.step import bench_optimizer as build_optimizer
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",

@@ -22,8 +22,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 from _model_utils import reference_mae  # noqa: E402
 
-from mae.bench import DTYPES, StepConfig, format_table, matmul_peak, resolve_device, run_config  # noqa: E402
 from mae.models import create_mae  # noqa: E402
+from mae.perf.grid import resolve_device  # noqa: E402
+from mae.perf.step import DTYPES, StepConfig, format_table, matmul_peak, run_config  # noqa: E402
 
 PATCH = {"tiny": 16, "base": 16, "large": 16, "huge": 14}
 

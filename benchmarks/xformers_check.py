@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from mae.bench import DTYPES, StepConfig, resolve_device, run_config  # noqa: E402
 from mae.models import Attention, create_mae  # noqa: E402
 from mae.models.backends import xformers_build  # noqa: E402
+from mae.perf.grid import resolve_device  # noqa: E402
+from mae.perf.step import DTYPES, StepConfig, run_config  # noqa: E402
 
 XFORMERS_NAMESPACES = ("xformers", "xformers_flash", "xformers_flash3")
 # PyTorch's attention kernels (SDPA and the two it dispatches to, which xformers' '-pt' operators call)

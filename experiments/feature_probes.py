@@ -26,11 +26,11 @@ import torch.nn.functional as F
 if not __package__:  # run as a script: `experiments` is importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.pixel_baselines import L2_SWEEP, linear_pixels, pixels  # noqa: E402
-from mae.build import build_vit, load_run_config, resolve_checkpoint  # noqa: E402
 from mae.data.loaders import SUBSET_SEED  # noqa: E402
 from mae.data.sources import label_subset  # noqa: E402
-from mae.evaluation import knn_top1  # noqa: E402
-from mae.weights import load_encoder_into_vit  # noqa: E402
+from mae.eval.metrics import knn_top1  # noqa: E402
+from mae.weights.build import build_vit, load_run_config, resolve_checkpoint  # noqa: E402
+from mae.weights.formats import load_encoder_into_vit  # noqa: E402
 
 
 def encoder(run: str | Path, pretrained: bool = True) -> torch.nn.Module:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mae.data.loaders import SUBSET_SEED
 from mae.data.sources import balanced_order, label_subset, read_fashion_mnist
-from mae.evaluation import knn_top1
+from mae.eval.metrics import knn_top1
 
 MEAN, STD = 0.2860, 0.3530  # recipes/demo.yaml: the normalisation every run of the study sees
 # logistic regression's L2 penalties: the best is reported, as for the from-scratch lr sweep

@@ -190,8 +190,8 @@ def linear_probe(train_x, train_y, test_x, test_y, l2: float = 1e-3) -> float:
 def tokens(encoders: list[str], train: int, test: int) -> str:
     import torch
 
-    from mae.embed import load_encoder
     from mae.models import VisionTransformer
+    from mae.weights.encoder import load_encoder
 
     loaded = {n: load_encoder(n, img_size=56, log=lambda *a: None) for n in encoders if n != "random"}
     if not loaded:

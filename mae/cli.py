@@ -1,7 +1,8 @@
-"""What every entry point answers besides training: `--help` (usage, recipes, the keys used most) and
-`--print-config` (the resolved configuration and the derived values, nothing trained or written).
+"""What every training command shares: `--help` (usage, recipes, the keys used most), `--print-config` (the
+resolved configuration and the derived values, nothing trained or written), and running a task on the engine
+with its errors turned into exit codes (`run_task`).
 
-`--help` reads only recipes/*.yaml, so it answers before torch is imported.
+`--help` reads only recipes/*.yaml and the task's declared keys, so it answers before torch is imported.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
-from mae.config import READS, RECIPES_DIR, ConfigError, task_of_recipe
+from mae.config import RECIPES_DIR, ConfigError, task_of_recipe
+from mae.tasks import READS, TASKS, task_module
 
 HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG = "--print-config"
@@ -27,7 +30,7 @@ def recipe_summaries(task: str) -> list[tuple[str, str]]:
     out = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         name = path.stem
-        if name == "base" or task_of_recipe(name) != task:
+        if name == "base" or task_of_recipe(name, TASKS) != task:
             continue
         first = next((line for line in path.read_text().splitlines() if line.strip()), "")
         what = first.lstrip("# ").strip() if first.lstrip().startswith("#") else ""
@@ -137,13 +140,6 @@ def split_flags(argv: list[str]) -> tuple[list[str], set[str]]:
     return args, flags
 
 
-def exit_if_help(task: str, doc: str | None, argv: list[str]) -> None:
-    """For `python mae/<task>.py --help`: answer before the entry point imports torch."""
-    if any(a in HELP_FLAGS for a in argv):
-        print(usage(task, doc))
-        sys.exit(0)
-
-
 def is_main_rank() -> bool:
     """Rank 0 of a launch (read from the launcher's environment: no process group is needed)."""
     return os.environ.get("RANK", "0") == "0"
@@ -151,36 +147,79 @@ def is_main_rank() -> bool:
 
 def print_config(cfg) -> int:
     """The resolved config plus the derived values of a launch on WORLD_SIZE processes. The steps need the
-    size of data.train: the loader's own count (manifest, folder listing, built-in size), no image is read."""
-    from mae.build import model_overrides
+    size of data.train: the task's loader's own count (manifest, folder listing, built-in size), no image is
+    read."""
     from mae.config import derive, to_yaml
-    from mae.data import build_train_loader
+    from mae.weights.build import model_overrides
 
     model_overrides(cfg)  # the model's own one-line errors (image vs patch size, channels)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if cfg.task == "segment":  # image / mask pairs
-        from mae.data.segmentation import SegTrainLoader, pair_source
-
-        d = cfg.data
-        src = pair_source(d.train, train=True, reduce_zero_label=d.reduce_zero_label, fmnist_dir=d.fmnist_dir)
-        spe = SegTrainLoader(src, None, in_chans=cfg.model.in_chans, num_classes=0, batch_size=cfg.train.batch_size,
-                             seed=cfg.seed, rank=0, world_size=world_size, workers=0,
-                             epoch_samples=d.epoch_samples).steps_per_epoch  # fmt: skip
-        if is_main_rank():
-            print(to_yaml(cfg, derive(cfg, world_size, spe)), end="")
-        return 0
-    loader = build_train_loader(
-        cfg.data,
-        source=cfg.data.train,
-        img_size=cfg.model.img_size,
-        in_chans=cfg.model.in_chans,
-        batch_size=cfg.train.batch_size,
-        augment="none",
-        seed=cfg.seed,
-        rank=0,
-        world_size=world_size,
-    )
+    loader = task_module(cfg.task).train_loader(cfg, rank=0, world_size=world_size)
     derived = derive(cfg, world_size, loader.steps_per_epoch)
     if is_main_rank():
         print(to_yaml(cfg, derived), end="")
     return 0
+
+
+def run_task(task: str, argv: list[str] | None = None, doc: str | None = None) -> int:
+    """The body of every training command: config -> Accelerator -> the task's Task -> the engine. User errors
+    (config, data, command line) print one line and return 2; a run that cannot go on returns 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, flags = split_flags(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "help" in flags:  # before torch is imported
+        print(usage(task, doc))
+        return 0
+    from mae.data import DataError
+    from mae.eval.labelsets import ValLabels, pair_train_val
+    from mae.tasks import load_config
+    from mae.train.engine import seed_everything, train
+    from mae.train.runtime import STOP, TrainingError, make_accelerator
+
+    module = task_module(task)
+    say = print if is_main_rank() else (lambda *a, **k: None)
+    try:
+        cfg = load_config(args, task=task, log=say)
+        use = ValLabels(*module.VAL_LABELS) if module.VAL_LABELS else None
+        cfg = pair_train_val(cfg, args, use, log=say)
+        if "print-config" in flags:
+            return print_config(cfg)
+        acc = make_accelerator(cfg)  # installs the stop-signal handlers
+        try:
+            seed_everything(cfg.seed, acc.process_index)
+            rc = train(cfg, acc, module.build_task(cfg, acc))
+        finally:  # also when building the task fails: the caller's own handlers come back
+            STOP.restore()
+    except (ConfigError, DataError) as e:
+        if not getattr(e, "quiet", False):
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if rc == 0 and acc.is_main_process:
+        out = Path(cfg.output_dir)
+        for name, label in (
+            ("metrics.jsonl", "metrics"),
+            ("checkpoint-last", "checkpoint"),
+            ("checkpoint-best", "best"),
+            ("reconstruction-last.png", "reconstruction"),
+        ):
+            if (out / name).exists():
+                print(f"{label + ':':<16}{out / name}")
+    return rc
+
+
+def command(task: str, doc: str | None):
+    """(main, cli) of a training command: `main(argv=None) -> int` runs `task`; `cli()` exits with its code."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_task(task, argv, doc)
+
+    def cli() -> None:
+        sys.exit(main())
+
+    return main, cli

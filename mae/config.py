@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,11 @@ def _apply(flat: dict[str, Any], updates: dict[str, Any], base: dict[str, Any], 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Which keys each entry point reads. A key set in a recipe or on the command line that the entry point does not
+# Which keys a task reads. Each task declares its own set beside its build_task (mae/tasks/<task>.py,
+# `READS`), built from the groups below; a key set in a recipe or on the command line that the task does not
 # read is refused like an unknown one: a setting is used or refused, never accepted and ignored.
 
-_ALL_TASKS = (
+COMMON_KEYS = frozenset((
     "output_dir", "seed",
     "model.name", "model.img_size", "model.patch_size", "model.in_chans", "model.attn_backend", "model.embed_dim",
     "model.depth", "model.num_heads", "model.init",
@@ -114,37 +116,13 @@ _ALL_TASKS = (
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.resume", "checkpoint.max_requeues",
     "checkpoint.stop_check_s", "checkpoint.lock_wait_s",
     "log.every_steps", "log.wandb", "log.wandb_project", "log.tensorboard", "log.progress",
-)  # fmt: skip
-# Segmentation reads image / mask folders and its own scenes: none of the shard, label-subset, synthetic and
-# classification-crop keys.
-_SEGMENT_TASK = tuple(k for k in _ALL_TASKS if k not in (
+))  # fmt: skip
+# The keys of the classification loaders (shards, label subsets, the synthetic set, classification crops): tasks
+# on image / mask pairs or COCO annotations leave them out.
+CLASSIFICATION_DATA_KEYS = frozenset((
     "data.shuffle_buffer", "data.resampled", "data.synthetic_samples", "data.label_fraction", "data.scale_min",
     "data.crop_pct",
 ))  # fmt: skip
-READS: dict[str, frozenset[str]] = {
-    "pretrain": frozenset((*_ALL_TASKS,
-        "model.norm_pix_loss", "model.mask_ratio", "model.decoder_embed_dim", "model.decoder_depth",
-        "model.decoder_num_heads", "model.drop_path", "model.grad_checkpointing", "data.decode", "train.fsdp",
-        "log.viz_images", "log.knn_every_steps", "log.knn_k", "log.knn_train_samples", "log.knn_val_samples",
-    )),
-    "finetune": frozenset((*_ALL_TASKS,
-        "model.drop_path", "model.global_pool", "model.num_classes", "model.grad_checkpointing",
-        "data.auto_augment", "data.reprob", "train.layer_decay", "train.fsdp", "train.smoothing", "train.mixup",
-        "train.cutmix", "train.eval_every",
-    )),
-    "linprobe": frozenset((*_ALL_TASKS,
-        "model.global_pool", "model.num_classes", "train.smoothing", "train.eval_every",
-    )),
-    "segment": frozenset((*_SEGMENT_TASK,
-        "model.drop_path", "model.num_classes", "model.grad_checkpointing", "model.seg_head", "model.seg_blocks",
-        "model.seg_channels", "model.aux_weight", "data.reduce_zero_label", "data.resize", "data.ratio_range",
-        "data.cat_max_ratio", "data.photometric", "train.layer_decay", "train.eval_every", "train.eval_mode",
-        "train.eval_stride", "train.freeze_encoder",
-    )),
-}  # fmt: skip
-# Keys only some data sources use: set with another source they get a note, not an error (a recipe sets them for
-# real data; `synthetic` batches are drawn on the device, uncropped, unflipped, without loader workers).
-SYNTHETIC_IGNORES = ("data.scale_min", "data.hflip", "data.num_workers")
 
 
 def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -160,18 +138,14 @@ def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def readers(key: str) -> list[str]:
-    """The entry points that read `key`."""
-    return [t for t, keys in READS.items() if key in keys]
-
-
-def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> list[str]:
+def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any], reads: Mapping[str, frozenset]) -> list[str]:
     """Refuse a key set in the recipe or on the command line (`explicit`: key -> where it was set) that `task`
-    does not read; returns the notes for keys that only the chosen data source leaves unused."""
-    reads, notes = READS[task], []
+    does not read (`reads`: every task's keys, to name the tasks that do); returns the notes for keys that
+    another setting leaves unused."""
+    notes = []
     for key, where in explicit.items():
-        if key not in reads:
-            by = readers(key)
+        if key not in reads[task]:
+            by = [t for t, keys in reads.items() if key in keys]
             raise ConfigError(
                 f"{where}: {key} is not read by {task} (read by: {', '.join(by) or 'no entry point'}); remove it"
             )
@@ -182,19 +156,18 @@ def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> li
         if where == "command line":
             raise ConfigError(f"command line: {key} is not read with {setting} ({unused}); remove it")
         notes.append(f"note: {key} ({where}) is {unused}; {setting} does not use it")
-    ignored = [k for k in SYNTHETIC_IGNORES if k in explicit]
-    if task == "pretrain" and str(flat["data.train"]).partition(":")[0] == "synthetic" and ignored:
-        notes.append(
-            f"note: data.train=synthetic draws its images on the device, uncropped, unflipped and without loader "
-            f"workers: {', '.join(ignored)} ({explicit[ignored[0]]}) take effect with image data only"
-        )
     return notes
 
 
-def task_of_recipe(recipe: str | None) -> str:
-    """The entry point a recipe is written for, by its name: finetune_*, linprobe_*, segment_*, else pretrain."""
+def task_of_recipe(recipe: str | None, tasks: Iterable[str]) -> str:
+    """The task a recipe is written for, by its name: `<task>_*` for every task but pretrain, else pretrain."""
     stem = Path(recipe).stem if recipe else ""
-    return next((t for t in READS if t != "pretrain" and stem.startswith(t + "_")), "pretrain")
+    return next((t for t in tasks if t != "pretrain" and stem.startswith(t + "_")), "pretrain")
+
+
+def recipe_path(recipe: str) -> Path:
+    """recipes/NAME.yaml, or a YAML file given by its path."""
+    return Path(recipe) if recipe.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{recipe}.yaml"
 
 
 def _unflatten(flat: dict[str, Any]) -> dict:
@@ -208,7 +181,7 @@ def _unflatten(flat: dict[str, Any]) -> dict:
     return out
 
 
-def _load_yaml(path: Path) -> dict:
+def load_yaml(path: Path) -> dict:
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
@@ -236,28 +209,36 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def load_config(
-    argv: list[str] | None = None, default_recipe: str | None = None, task: str | None = None, log=None
+    argv: list[str] | None = None,
+    *,
+    reads: Mapping[str, frozenset[str]],
+    task: str | None = None,
+    default_recipe: str | None = None,
+    log=None,
+    notes: Callable[[dict, dict], list[str]] | None = None,
 ) -> DictConfig:
     """Merge base.yaml <- recipe <- CLI overrides into a read-only, attribute-accessible config.
 
-    `task` (the entry point; default: the recipe's, by its name) refuses the keys it does not read
-    (`check_reads`); its notes go to `log`."""
+    `reads`: the keys of every task (mae.tasks.READS); `task` (default: the recipe's, by its name) refuses the
+    keys it does not read (`check_reads`). Notes (keys another setting leaves unused, and the task's own
+    `notes(flat, explicit)`) go to `log`."""
     recipe, overrides = parse_overrides(list(argv or []))
     recipe = recipe or default_recipe
-    task = task or task_of_recipe(recipe)
-    base = _flatten(_load_yaml(RECIPES_DIR / "base.yaml"))
+    task = task or task_of_recipe(recipe, reads)
+    base = _flatten(load_yaml(RECIPES_DIR / "base.yaml"))
     flat, explicit = dict(base), {}
     if recipe:
-        path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{recipe}.yaml"
+        path = recipe_path(recipe)
         if not path.is_file():
             names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
             raise ConfigError(f"recipe '{recipe}' not found; available: {', '.join(names)}")
-        delta = _flatten(_load_yaml(path))
+        delta = _flatten(load_yaml(path))
         _apply(flat, delta, base, f"recipe {path.name}")
         explicit.update(dict.fromkeys(delta, f"recipe {path.name}"))
     _apply(flat, overrides, base, "command line")
     explicit.update(dict.fromkeys(overrides, "command line"))
-    for note in check_reads(task, explicit, flat):
+    said = check_reads(task, explicit, flat, reads) + (notes(flat, explicit) if notes else [])
+    for note in said:
         if log is not None:
             log(note)
     flat["recipe"] = recipe or ""
@@ -356,7 +337,7 @@ IDENTITY_KEYS = (
 
 def check_compatible(cfg: DictConfig, existing_yaml: Path) -> None:
     """Refuse to resume into an output_dir whose saved config describes a different model."""
-    old = _flatten(_load_yaml(existing_yaml))
+    old = _flatten(load_yaml(existing_yaml))
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     diffs = [k for k in IDENTITY_KEYS if k in old and old[k] != new.get(k)]
     if old.get("task") and old.get("task") != new.get("task"):

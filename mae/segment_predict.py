@@ -17,94 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-from mae.config import ConfigError
-
-
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours: the PASCAL VOC colour map (class 0 black, then well separated hues)."""
-    out = np.zeros((max(n, 1), 3), np.uint8)
-    for i in range(len(out)):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out[i] = (r, g, b)
-    return out
-
-
-def overlay(img: torch.Tensor, classes: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image (C, H, W in [0, 1]; grey, RGB, or the first band of others) with class colours blended in."""
-    rgb = img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
-    base = (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.float32)
-    painted = (1 - alpha) * base + alpha * colours[classes].astype(np.float32)
-    return painted.round().clip(0, 255).astype(np.uint8)
-
-
-def load_run(run_dir: str, which: str, device: torch.device):
-    """(model in eval mode, run config) of a segmentation run directory."""
-    from safetensors.torch import load_file
-
-    from mae.build import build_segmenter, load_run_config, resolve_checkpoint
-    from mae.transfer import BEST
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_run_config(run)
-    if cfg.get("task") != "segment":
-        raise ConfigError(f"{run_dir}: a {cfg.get('task')!r} run, not a segmentation run (mae/segment.py)")
-    if which == "best" and (run / BEST / "model.safetensors").is_file():
-        path = run / BEST / "model.safetensors"
-    else:
-        path = resolve_checkpoint(run)[0] / "model.safetensors"
-    state = load_file(str(path))
-    num_classes = state["decode_head.conv_seg.weight"].shape[0]
-    from omegaconf import OmegaConf
-
-    OmegaConf.set_struct(cfg, False)
-    cfg.train.freeze_encoder = False
-    model = build_segmenter(cfg, num_classes)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg, path
-
-
-def find_images(source: str) -> list[Path]:
-    from mae.data.images import IMAGE_EXTS
-
-    p = Path(source)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise ConfigError(f"INPUT {source!r}: no such file or directory")
-    found = sorted(
-        f
-        for f in p.rglob("*")
-        if f.is_file() and not f.name.startswith(".") and f.suffix[1:].lower() in IMAGE_EXTS
-    )
-    if not found:
-        raise ConfigError(f"INPUT {source!r}: no image files")
-    return found
-
-
-def predict(model, cfg, img: torch.Tensor, device: torch.device) -> np.ndarray:
-    """Class ids (H, W) uint8 of one image (C, H, W in the loader's scale)."""
-    from mae.data.segmentation import seg_transform
-    from mae.segment import infer
-
-    transform = seg_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans, train=False)
-    x, _ = transform(img, np.zeros(img.shape[1:], np.uint8), 0)
-    with torch.no_grad():
-        logits = infer(model, x[None].to(device), cfg).float()
-    logits = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False)
-    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -119,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
+    from PIL import Image
+
+    from mae.config import ConfigError
     from mae.data.segmentation import BadPair, read_image_file
+    from mae.device import resolve_device
+    from mae.eval.figures import overlay, palette
+    from mae.infer.segment import find_images, load_run, predict
 
     try:
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        )
+        device = resolve_device(args.device, ConfigError)
         images = find_images(args.input)
         model, cfg, path = load_run(args.run_dir, args.checkpoint, device)
     except (ConfigError, RuntimeError, KeyError) as e:

@@ -55,7 +55,7 @@ def tiny_rgb(img_size: int = 16, patch_size: int = 8) -> list[str]:
 def read_by(task: str, args: list[str]) -> list[str]:
     """`args` without the key=value pairs that `task` does not read (it refuses them): a pretraining
     command's tiny-model arguments reused for fine-tuning."""
-    from mae.config import READS
+    from mae.tasks import READS
 
     return [a for a in args if a.startswith("recipe=") or a.split("=")[0] in READS[task]]
 
@@ -70,10 +70,11 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def start(args: list[str], stdout: Path | None = None, **env: str) -> subprocess.Popen:
-    """`python -m mae.pretrain ARGS` as a real process (its own session, so a kill reaches only it); its
-    output is piped, or written to the file `stdout` (to read while it runs)."""
+    """`mae/pretrain.py ARGS` as a real process (its own session, so a kill reaches only it), through
+    tests/_fault_entry.py, which injects the MAE_FAULT_* faults of `env`; its output is piped, or written to
+    the file `stdout` (to read while it runs)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mae.pretrain", *args],
+        [sys.executable, str(ROOT / "tests" / "_fault_entry.py"), *args],
         cwd=ROOT,
         env=child_env(**env),
         stdout=subprocess.PIPE if stdout is None else open(stdout, "w"),  # noqa: SIM115 (the child owns it)

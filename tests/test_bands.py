@@ -22,8 +22,8 @@ from data_tools import make_shards, stats, verify_shards
 from mae.data import DataError, build_eval_loader, build_train_loader
 from mae.data.bands import decode_bands
 from mae.data.transforms import build_transform, resolve_norm, sample_seed, seeded
+from mae.eval.figures import figure
 from mae.pretrain import main as pretrain
-from mae.viz import figure
 from tests.conftest import needs_fmnist
 from tests.test_data import data_cfg
 

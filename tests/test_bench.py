@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae.bench import PeakMemory, build_optimizer, mae_flops, main, matmul_peak
+from mae.bench import main
 from mae.models import create_mae
+from mae.perf.step import PeakMemory, mae_flops, matmul_peak
+from mae.perf.step import bench_optimizer as build_optimizer
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--matmul-size", "128", "--steps", "1"]
 
@@ -172,7 +174,8 @@ def test_data_mode_missing_source(tmp_path, capsys):
 
 
 def test_compile_modes_parse_into_configs_and_labels():
-    from mae.bench import parse_args, step_configs
+    from mae.bench import parse_args
+    from mae.perf.grid import step_configs
 
     args = parse_args(["--compile", "off,on,max-autotune-no-cudagraphs,reduce-overhead", "--device", "cpu"])
     configs = step_configs(args, dict(batch="2", img_size="32", mask_ratio="0.75"), torch.device("cpu"))
@@ -191,7 +194,7 @@ def test_compile_modes_parse_into_configs_and_labels():
 
 def test_json_holds_each_configuration_as_soon_as_it_is_measured(tmp_path, monkeypatch):
     # a time limit that stops the run after the first configuration keeps that configuration's numbers
-    import mae.bench as bench
+    import mae.perf.grid as bench
 
     real, calls = bench.run_config, []
 

@@ -7,9 +7,12 @@ import json
 import pytest
 import torch
 
-from mae.bench import PredictOnly, build_optimizer, main, make_step
-from mae.config import load_config, resolve_compile
+from mae.bench import main
+from mae.config import resolve_compile
 from mae.models import create_mae
+from mae.perf.step import PredictOnly, make_step
+from mae.perf.step import bench_optimizer as build_optimizer
+from mae.tasks import load_config
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--matmul-size", "128", "--steps", "1",
         "--warmup", "0", "--dtype", "fp32", "--batch", "2"]  # fmt: skip

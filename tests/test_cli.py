@@ -57,7 +57,7 @@ def test_help_of_every_entry_point_lists_its_own_recipes(task, capsys):
     assert listed == expected and all(first_comment(n)[:40] in out for n in expected)
     assert f"usage: python mae/{task}.py" in out
     # every key the entry point reads is shown, and none that it refuses
-    from mae.config import READS
+    from mae.tasks import READS
 
     shown = set(re.findall(r"\b((?:model|data|train|checkpoint|log)\.\w+)", out.split("recipes:\n")[1]))
     base_keys = {k for k in key_docs() if "." in k}

@@ -3,7 +3,8 @@ import re
 import pytest
 import yaml
 
-from mae.config import RECIPES_DIR, ConfigError, derive, load_config
+from mae.config import RECIPES_DIR, ConfigError, derive
+from mae.tasks import load_config
 
 
 def test_merge_order_base_recipe_cli():
@@ -113,9 +114,9 @@ def test_compile_choices_and_what_auto_means(monkeypatch):
 
 
 def _base_keys() -> dict:
-    from mae.config import _flatten, _load_yaml
+    from mae.config import _flatten, load_yaml
 
-    return _flatten(_load_yaml(RECIPES_DIR / "base.yaml"))
+    return _flatten(load_yaml(RECIPES_DIR / "base.yaml"))
 
 
 @pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment"])
@@ -123,7 +124,7 @@ def test_every_base_key_is_read_or_refused_by_each_entry_point(task):
     """Walks recipes/base.yaml: a key added later is either in READS of an entry point or refused by it."""
     import json
 
-    from mae.config import READS
+    from mae.tasks import READS
 
     for key, default in _base_keys().items():
         arg = f"{key}={json.dumps(default) if not isinstance(default, str) else default}"
@@ -136,7 +137,7 @@ def test_every_base_key_is_read_or_refused_by_each_entry_point(task):
 
 
 def test_every_base_key_has_a_reader_and_every_reader_key_exists():
-    from mae.config import READS
+    from mae.tasks import READS
 
     keys = set(_base_keys())
     assert all(any(k in r for r in READS.values()) for k in keys)

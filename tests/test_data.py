@@ -413,8 +413,8 @@ def test_bare_builtin_name_is_train_split_for_training_and_test_split_for_eval()
 
 
 def test_every_training_crop_honours_scale_min():
-    from mae.config import load_config
     from mae.data import build_transform
+    from mae.tasks import load_config
 
     for augment, in_chans in (("mae", 3), ("linprobe", 3), ("finetune", 3), ("finetune", 1)):
         cfg = load_config(
@@ -429,8 +429,8 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     """rand-m9-mstd0.5-inc1 can draw posterize with 0 bits, which Pillow 12+ refuses."""
     from PIL import Image
 
-    from mae.config import load_config
     from mae.data import build_transform
+    from mae.tasks import load_config
 
     cfg = load_config(["recipe=finetune_vit_base", "model.img_size=32"])
     t = build_transform(cfg.data, "finetune", 32, 3)

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mae.config import load_config, to_yaml
+from mae.config import to_yaml
 from mae.embed import Embedder, main
 from mae.models import create_mae
+from mae.tasks import load_config
 from tests.conftest import TINY_FMNIST, TINY_MODEL, TWO_CPU_PROCESSES, needs_fmnist, rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +68,8 @@ def _read_index(out: Path) -> list[dict]:
 
 
 def _mean_patch_features(model, imgs: torch.Tensor) -> torch.Tensor:
-    """What the pretraining's k-NN monitor reads (mae.evaluation.mean_patch_features)."""
-    from mae.evaluation import mean_patch_features
+    """What the pretraining's k-NN monitor reads (mae.eval.metrics.mean_patch_features)."""
+    from mae.eval.metrics import mean_patch_features
 
     with torch.no_grad():
         return mean_patch_features(model)(imgs)

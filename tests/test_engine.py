@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from mae.config import load_config
-from mae.engine import Task, train
-from mae.optim import lr_at, param_groups
-from mae.runtime import make_accelerator
+from mae.tasks import load_config
+from mae.train.engine import Task, train
+from mae.train.optim import lr_at, param_groups
+from mae.train.runtime import make_accelerator
 
 
 class StubLoader:
@@ -135,7 +135,7 @@ def test_img_per_s_leaves_out_warm_up_monitor_and_checkpoint_time(tmp_path):
 def test_eta_follows_the_recent_pace_after_a_suspension(monkeypatch):
     """A job suspended for an hour (SIGSTOP, a preempted node, a laptop lid) then running at its old pace:
     the ETA returns to the remaining steps at that pace instead of carrying the hour for the rest of the run."""
-    from mae import meter
+    from mae.train import meter
 
     clock = [0.0]
     monkeypatch.setattr(meter.time, "perf_counter", lambda: clock[0])
@@ -198,8 +198,8 @@ def test_data_wait_is_the_fraction_of_the_window_spent_waiting_for_batches(tmp_p
 def test_a_starved_step_gets_one_line_of_loader_advice(tmp_path, capsys, monkeypatch):
     """A GPU fed by the demo's one worker waits for data most of the time: the log says so once, with the
     setting to raise, when the process has cores no worker uses; never when the cores are all taken."""
-    from mae import engine
-    from mae.meter import loader_hint
+    from mae.train import engine
+    from mae.train.meter import loader_hint
 
     hint = loader_hint(0.6, 1, 16)
     assert "data_wait 60% with data.num_workers=1 and 16 CPU cores" in hint and hint.endswith(
@@ -252,7 +252,7 @@ def test_compile_true_compiles_and_logs_the_first_step_once(tmp_path, capsys):
 
 
 def test_the_start_line_says_why_the_cpu_runs_bf16_or_fp32(monkeypatch):
-    from mae import runtime
+    from mae.train import runtime
 
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
     assert runtime.resolve_precision("auto", on_cuda=False) == "bf16"
@@ -264,7 +264,7 @@ def test_the_start_line_says_why_the_cpu_runs_bf16_or_fp32(monkeypatch):
 
 
 def test_pace_reads_the_steps_since_the_warm_up_without_closing_the_window():
-    from mae.meter import Meter
+    from mae.train.meter import Meter
 
     m = Meter(total_steps=10, start_step=0, images_per_step=4)
     assert m.pace(0) is None

@@ -7,10 +7,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mae.config import load_config, to_yaml
+from mae.config import to_yaml
 from mae.export import main
 from mae.models import create_mae
-from mae.weights import load_mae_weights, load_state_dict_any
+from mae.tasks import load_config
+from mae.weights.formats import load_mae_weights, load_state_dict_any
 
 TINY = dict(img_size=32, patch_size=8)
 
@@ -166,7 +167,7 @@ def test_timm_export_of_the_demo_encoder(tmp_path):
 def test_timm_export_of_an_odd_non_square_encoder(tmp_path):
     """Width 96 with 2 heads, 3 blocks, MLP ratio 2, 4 channels, 24x40 images in 8x8 patches: no standard
     timm size, a non-square grid, heads that the weights alone do not tell."""
-    from mae.export import export_mae
+    from mae.weights.convert import export_mae
 
     torch.manual_seed(0)
     kw = dict(img_size=(24, 40), patch_size=8, in_chans=4, embed_dim=96, depth=3, num_heads=2, mlp_ratio=2.0)

@@ -14,15 +14,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mae.build import build_vit
-from mae.config import load_config
 from mae.data import build_eval_loader
-from mae.evaluation import PAD_LABEL, classifier_accuracy, in_lockstep
-from mae.fsdp import load_optimizer_state, optimizer_state
+from mae.eval.metrics import PAD_LABEL, classifier_accuracy, in_lockstep
 from mae.linprobe import main as linprobe_main
 from mae.models import create_mae
-from mae.optim import build_optimizer, param_groups
-from mae.transfer import BEST
+from mae.runs.record import BEST
+from mae.tasks import load_config
+from mae.train.fsdp import load_optimizer_state, optimizer_state
+from mae.train.optim import build_optimizer, param_groups
+from mae.weights.build import build_vit
 from tests.conftest import TINY_MODEL, TWO_CPU_PROCESSES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mae.bench import StepConfig, StepResult
+from mae.perf.step import StepConfig, StepResult
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -124,7 +124,8 @@ def test_output_dir_of_another_model_is_refused(tmp_path, capsys):
 
 DUMP_WEIGHTS = """
 import sys, torch
-from mae import engine, pretrain
+from mae import pretrain
+from mae.train import engine
 run = engine.Trainer.run
 def run_and_dump(self):
     rc = run(self)
@@ -215,7 +216,7 @@ def test_wandb_offline_run_is_continued_on_resume(tmp_path, monkeypatch):
 def test_masking_noise_never_repeats_across_micro_steps_for_any_grad_accum():
     """grad_accum 130 (vit_huge on one GPU needs 128): every (rank, step, micro) draws its own masks, and the
     same tuple always draws the same ones (what exact resume relies on)."""
-    from mae.pretrain import masking_noise
+    from mae.tasks.pretrain import masking_noise
 
     images = torch.zeros(2, 3, 8, 8)
     draws = {
@@ -241,7 +242,7 @@ PRETRAIN_REFERENCE = {  # published ImageNet-1k top-1 after fine-tuning: (800 ep
 def test_pretraining_recipes_quote_the_figures_of_their_own_schedule(recipe):
     """The recipes run the reference's 800 epochs; a 1600-epoch figure is quoted only as such, with the
     override that gets it, and fp16 is named as the reference's numerics."""
-    from mae.config import load_config
+    from mae.tasks import load_config
 
     cfg = load_config([f"recipe={recipe}"], task="pretrain")
     assert (cfg.train.epochs, cfg.train.warmup_epochs) == (800, 40)

@@ -15,7 +15,7 @@ from conftest import needs_fmnist, rows
 from PIL import Image
 from torch import nn
 
-from mae.config import ConfigError, load_config
+from mae.config import ConfigError
 from mae.data import DataError
 from mae.data.segmentation import (
     BadPair,
@@ -26,7 +26,7 @@ from mae.data.segmentation import (
     reduce_zero,
     scan_num_classes,
 )
-from mae.evaluation import confusion_matrix, segmentation_scores
+from mae.eval.metrics import confusion_matrix, segmentation_scores
 from mae.models.segmentation import (
     SegmentationViT,
     UPerHead,
@@ -36,6 +36,7 @@ from mae.models.segmentation import (
 )
 from mae.segment import main as segment_main
 from mae.segment_predict import main as predict_main
+from mae.tasks import load_config
 
 TINY_SEG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=4, num_heads=2)
 
@@ -283,7 +284,7 @@ def test_segment_refuses_keys_it_does_not_read_and_upernet_keys_under_the_linear
 
 
 def test_poly_schedule_decays_linearly_after_the_warmup():
-    from mae.optim import lr_at
+    from mae.train.optim import lr_at
 
     assert lr_at(5, 110, 10, 1.0, schedule="poly") == 0.5
     assert lr_at(10, 110, 10, 1.0, schedule="poly") == 1.0
@@ -468,8 +469,8 @@ def test_two_processes_score_every_validation_pair_once(tmp_path):
     from conftest import TWO_CPU_PROCESSES
     from safetensors.torch import load_file
 
-    from mae.build import build_segmenter
-    from mae.segment import seg_evaluator
+    from mae.tasks.segment import seg_evaluator
+    from mae.weights.build import build_segmenter
 
     write_pairs(tmp_path / "train", [(40, 40)] * 8)
     write_pairs(tmp_path / "val", [(40, 32), (36, 48), (40, 40), (33, 41), (48, 40)], seed=1)

@@ -43,10 +43,10 @@ from conftest import TWO_CPU_PROCESSES, needs_fmnist
 from PIL import Image
 
 from data_tools.make_shards import main as make_shards
-from mae.checkpoint import load_train_state
-from mae.config import load_config
 from mae.data import build_eval_loader, build_train_loader
-from mae.runtime import STOP, StopExchange
+from mae.tasks import load_config
+from mae.train.checkpoint import load_train_state
+from mae.train.runtime import STOP, StopExchange
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae.build import load_run_model
+from mae.weights.build import load_run_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "slurm_local.sh"

@@ -10,8 +10,9 @@ import yaml
 from conftest import needs_fmnist
 
 from experiments.fashion_mnist import run_overrides, samples_seen
-from mae.config import derive, load_config
+from mae.config import derive
 from mae.data import build_train_loader
+from mae.tasks import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = yaml.safe_load((ROOT / "experiments" / "fashion_mnist.yaml").read_text())

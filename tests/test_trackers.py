@@ -61,8 +61,8 @@ def test_tensorboard_has_loss_lr_speed_and_pictures_and_a_resumed_run_continues_
 
 
 def test_tensorboard_is_off_by_default_and_writes_nothing(tmp_path):
-    from mae.config import load_config
-    from mae.trackers import log_with
+    from mae.tasks import load_config
+    from mae.train.trackers import log_with
 
     assert load_config([]).log.tensorboard is False
     assert log_with(load_config([f"output_dir={tmp_path}"])) is None

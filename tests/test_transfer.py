@@ -12,15 +12,18 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mae import checkpoint as ckpt
-from mae.build import build_vit
-from mae.config import ConfigError, load_config
-from mae.finetune import classification_loss, layer_decay_groups
+from mae.config import ConfigError
 from mae.finetune import main as finetune_main
-from mae.linprobe import LinearProbe
 from mae.linprobe import main as linprobe_main
 from mae.models import create_mae
-from mae.transfer import BEST, best_keeper, load_init
+from mae.models.probe import LinearProbe
+from mae.tasks import load_config
+from mae.tasks.finetune import classification_loss
+from mae.train import checkpoint as ckpt
+from mae.train.checkpoint import BEST, best_keeper
+from mae.train.optim import vit_layer_decay_groups
+from mae.weights.build import build_vit
+from mae.weights.load import load_init
 
 TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2)
 TINY_ARGS = [
@@ -149,7 +152,7 @@ def test_empty_init_is_the_random_baseline():
 def test_layer_decay_scales_follow_depth():
     cfg = tiny_cfg("finetune_demo", "train.layer_decay=0.5", "train.weight_decay=0.05")
     vit = build_vit(cfg, 10)
-    groups = layer_decay_groups(vit, cfg)
+    groups = vit_layer_decay_groups(vit, cfg.train.weight_decay, cfg.train.layer_decay)
     scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
     wd = {name: g["weight_decay"] for g in groups for name in g["names"]}
     depth = 3

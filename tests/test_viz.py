@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mae.eval.figures import reconstruct
 from mae.models import create_mae
 from mae.viz import main as viz_main
-from mae.viz import reconstruct
 from tests.conftest import TINY_FMNIST, needs_fmnist
 
 

@@ -10,7 +10,7 @@ from _model_utils import reference_mae
 from safetensors.torch import save_file
 
 from mae.models import create_mae, create_vit, sincos_pos_embed_2d
-from mae.weights import (
+from mae.weights.formats import (
     hf_to_mae_state_dict,
     load_encoder_into_vit,
     load_mae_weights,

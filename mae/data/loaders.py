@@ -15,6 +15,7 @@ from .bands import band_mismatch, decode_bands, decode_sample, is_array_ext, rea
 from .device import Finisher, Prefetcher, RawBatch, assemble
 from .images import SUPPORTED_CHANS, BadSampleLog, ImageDecodeError, decode_image
 from .jpeg import CropDraw, worker_sample
+from .sampling import epoch_order, eval_bounds, full_steps, train_bounds
 from .shards import (
     ShardSet,
     ShardStream,
@@ -249,13 +250,6 @@ def _num_classes(source) -> int:
     return 0 if len(labels) == 0 or labels.min() < 0 else max(len(source.classes), int(labels.max()) + 1)
 
 
-def _epoch_order(subset: np.ndarray, num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """Source indices for one epoch: seeded permutations of the subset, repeated when epoch_samples > its size."""
-    rng = np.random.default_rng([seed, epoch, 0x5EED])
-    reps = -(-num_samples // len(subset))
-    return np.concatenate([subset[rng.permutation(len(subset))] for _ in range(reps)])[:num_samples]
-
-
 DECODES = ("auto", "cpu", "device")
 
 
@@ -297,7 +291,7 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
         shards = resolve_shards(source)
         _note_augment(cfg, augment, in_chans, probe_channels(source, shards, in_chans))
         num_samples = shard_num_samples(shards, source, int(cfg.epoch_samples))
-        steps = _steps(num_samples, per_step, source)
+        steps = full_steps(num_samples, per_step, f"data source {source!r}")
 
         def make(epoch: int, start_step: int):
             stream = ShardStream(shards, transform=transform, in_chans=in_chans, img_size=img_size,
@@ -316,16 +310,13 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
     if float(cfg.label_fraction) < 1.0:
         subset = label_subset(np.asarray(src.labels), float(cfg.label_fraction), SUBSET_SEED)
     num_samples = int(cfg.epoch_samples) or len(subset)
-    steps = _steps(num_samples, per_step, source)
+    steps = full_steps(num_samples, per_step, f"data source {source!r}")
     drawn_on_device = isinstance(src, SyntheticSource) and augment == "mae"
     finish.synthetic_split = getattr(src, "split", 0)
 
     def make(epoch: int, start_step: int):
-        order = _epoch_order(subset, num_samples, seed, epoch)
-        bounds = [
-            ((k * world_size + rank) * batch_size, (k * world_size + rank + 1) * batch_size)
-            for k in range(start_step, steps)
-        ]
+        order = epoch_order(subset, num_samples, seed, epoch)
+        bounds = train_bounds(batch_size, rank, world_size, start_step, steps)
         if drawn_on_device:  # nothing to load: the indices are the batch
             return (_synthetic_batch(src, order[a:b]) for a, b in bounds)
         dataset = _MapDataset(src, transform, in_chans, seed, epoch, draw, to_device)
@@ -346,14 +337,6 @@ def _synthetic_batch(src: SyntheticSource, indices: np.ndarray) -> RawBatch:
     index = torch.as_tensor(indices, dtype=torch.int64)
     labels = torch.as_tensor(np.asarray(src.labels)[indices], dtype=torch.int64)
     return RawBatch(torch.empty(0, dtype=torch.uint8), labels, 0, render=index)
-
-
-def _steps(num_samples: int, per_step: int, source: str) -> int:
-    steps = num_samples // per_step
-    if steps < 1:
-        raise DataError(f"data source {source!r}: {num_samples} samples make no full batch of {per_step} "
-                        "(batch_size x world_size)")  # fmt: skip
-    return steps
 
 
 def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_size: int, rank: int,
@@ -381,8 +364,7 @@ def build_eval_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_s
     order = np.arange(len(src))
     if max_samples > 0:
         order = balanced_order(np.asarray(src.labels), SUBSET_SEED)[:max_samples]
-    lo, hi = len(order) * rank // world_size, len(order) * (rank + 1) // world_size
-    bounds = [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
+    bounds = eval_bounds(len(order), batch_size, rank, world_size)
     dataset = _MapDataset(src, transform, in_chans, SUBSET_SEED, 0, keyed=True)
     loader = _map_loader(dataset, workers, order, bounds, shape, norm)
     return EvalLoader(num_samples=len(order), num_classes=_num_classes(src), loader=loader, finish=finish)

@@ -39,7 +39,8 @@ from torchvision.transforms import InterpolationMode
 
 from .bands import decode_bands, ext_of, is_array_ext
 from .images import IMAGE_EXTS, BadSampleLog, ImageDecodeError, decode_image
-from .loaders import _Batches, _data_loader, _epoch_order
+from .loaders import _Batches, _data_loader
+from .sampling import epoch_order, eval_bounds, full_steps, train_bounds
 from .sources import FMNIST_CLASSES, DataError, read_fashion_mnist
 from .transforms import resolve_norm, sample_seed
 
@@ -459,21 +460,15 @@ class SegTrainLoader:
             batch_size, seed, rank, world_size, workers,
         )  # fmt: skip
         self.num_samples = int(epoch_samples) or len(src)
-        self.steps_per_epoch = self.num_samples // (batch_size * world_size)
-        if self.steps_per_epoch < 1:
-            raise DataError(
-                f"segmentation data: {self.num_samples} pairs make no full batch of {batch_size * world_size} "
-                "(batch_size x world_size)"
-            )
+        self.steps_per_epoch = full_steps(self.num_samples, batch_size * world_size, "segmentation data")
 
     def iterate(self, epoch: int, start_step: int = 0):
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         if start_step == self.steps_per_epoch:
             return iter(())
-        order = _epoch_order(np.arange(len(self.src)), self.num_samples, self.seed, epoch)
-        b, r, ws = self.batch_size, self.rank, self.world_size
-        bounds = [((k * ws + r) * b, (k * ws + r + 1) * b) for k in range(start_step, self.steps_per_epoch)]
+        order = epoch_order(np.arange(len(self.src)), self.num_samples, self.seed, epoch)
+        bounds = train_bounds(self.batch_size, self.rank, self.world_size, start_step, self.steps_per_epoch)
         ds = _PairDataset(self.src, self.transform, self.in_chans, self.num_classes, self.seed, epoch)
         shape = (self.in_chans, self.transform.crop, self.transform.crop)
         return iter(
@@ -495,8 +490,7 @@ class SegEvalLoader:
 
     def __init__(self, src, transform, *, in_chans, num_classes, batch_size, rank, world_size, workers):
         self.src, self.num_samples = src, len(src)
-        lo, hi = len(src) * rank // world_size, len(src) * (rank + 1) // world_size
-        bounds = [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
+        bounds = eval_bounds(len(src), batch_size, rank, world_size)
         ds = _PairDataset(src, transform, in_chans, num_classes, 0, 0)
         self._loader = _data_loader(
             ds, workers, batch_sampler=_Batches(np.arange(len(src)), bounds), collate_fn=_eval_collate

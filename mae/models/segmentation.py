@@ -267,3 +267,17 @@ def slide_inference(model: SegmentationViT, img: torch.Tensor, crop: int, stride
             logits[:, :, y1 : y1 + crop, x1 : x1 + crop] += out
             count[:, :, y1 : y1 + crop, x1 : x1 + crop] += 1
     return (logits / count)[:, :, :h, :w]
+
+
+EVAL_MODES = ("whole", "slide")
+
+
+def segment_logits(model: SegmentationViT, images: torch.Tensor, mode: str, stride: int = 0) -> torch.Tensor:
+    """Logits (N, K, H, W) of normalised images: the whole image at once, or (`slide`) img_size windows
+    `stride` apart (0: two thirds of a window)."""
+    if mode == "slide":
+        crop = model.patch_embed.img_size[0]
+        return slide_inference(model, images, crop, stride or max(1, crop * 2 // 3))
+    if mode != "whole":
+        raise ValueError(f"inference mode {mode!r}: expected one of {', '.join(EVAL_MODES)}")
+    return whole_inference(model, images)

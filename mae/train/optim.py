@@ -51,10 +51,25 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(groups: list[dict], name: str, lr: float, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
-    """AdamW (fused kernel when every parameter lives on one supported device) or LARS."""
+# AdamW's implementations: the fused kernel; the fused kernel with its step count and hyperparameters kept on
+# the device (capturable: the whole update can be captured in a CUDA graph or compiled); one kernel per op over
+# all parameters (foreach); a Python loop over parameters (forloop). auto: fused where every parameter lives on
+# one device that has it, else foreach.
+ADAMW_IMPLS = ("auto", "fused", "fused-capturable", "foreach", "forloop")
+
+
+def build_optimizer(
+    groups: list[dict], name: str, lr: float, betas=(0.9, 0.95), impl: str = "auto"
+) -> torch.optim.Optimizer:
+    """AdamW (in implementation `impl`) or LARS over parameter groups of `param_groups`."""
     torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if name == "adamw":
+        if impl not in ADAMW_IMPLS:
+            raise ValueError(f"AdamW implementation {impl!r}: expected one of {', '.join(ADAMW_IMPLS)}")
+        if impl != "auto":
+            flags = {"fused": dict(fused=True), "fused-capturable": dict(fused=True, capturable=True),
+                     "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[impl]  # fmt: skip
+            return torch.optim.AdamW(torch_groups, lr=lr, betas=tuple(betas), **flags)
         devices = {p.device.type for g in torch_groups for p in g["params"]}
         fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
         try:
@@ -95,6 +110,20 @@ def lr_at(
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+def vit_layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """BEiT layer-wise lr decay for a ViT (`model.blocks`): lr_scale = layer_decay ** (depth + 1 - layer),
+    embeddings layer 0, block i layer i + 1, heads and final norms layer depth + 1 (scale 1). No decay on 1-d
+    parameters, the cls token and the position table, as the reference fine-tuning."""
+    from functools import partial
+
+    from mae.models import layer_id
+
+    depth = len(model.blocks)
+    return param_groups(
+        model,
+        weight_decay,
+        layer_decay=layer_decay,
+        layer_id=partial(layer_id, depth=depth),
+        num_layers=depth + 1,
+        no_decay_names=VIT_NO_DECAY,
+    )

@@ -6,9 +6,11 @@ k-NN bank of digits queried with garments, a top-1 of a 10-class head on another
 reported:
 - data.val given with data.train (both on the command line, or both by the recipe) but other classes:
   a one-line error (exit 2).
-- data.train given on the command line while data.val (and, pretraining, the k-NN monitor) still come from
-  the recipe, and they differ: the recipe's data.val is dropped (no k-NN monitor / no evaluation), said in
-  one line.
+- data.train given on the command line while data.val (and the use's switch, e.g. the k-NN monitor's cadence)
+  still come from the recipe, and they differ: the recipe's data.val is dropped (the monitor off / no
+  evaluation), said in one line.
+
+Each task says how it reads data.val's labels (`ValLabels`): no task is named here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from mae.config import ConfigError, parse_overrides
 from mae.data.images import IMAGE_EXTS
@@ -78,41 +80,47 @@ def _has_image(folder: str) -> bool:
     return False
 
 
-def uses_val_labels(cfg: DictConfig) -> bool:
-    """Pretraining reads data.val's labels only for the k-NN monitor; fine-tuning and probing always;
-    segmentation reads masks, not class labels."""
-    if cfg.task == "segment":
+@dataclass(frozen=True)
+class ValLabels:
+    """How a task reads data.val's class labels: for what (`what`, in messages), and the key that turns that use
+    off at 0 (`switch`, e.g. the k-NN monitor's cadence), or None when it is always on."""
+
+    what: str
+    switch: str | None = None
+
+
+def uses_val_labels(cfg: DictConfig, use: ValLabels | None) -> bool:
+    if use is None or not cfg.data.val:
         return False
-    return bool(cfg.data.val) and (cfg.task != "pretrain" or cfg.log.knn_every_steps > 0)
+    return use.switch is None or OmegaConf.select(cfg, use.switch) > 0
 
 
-def pair_train_val(cfg: DictConfig, argv: list[str], log=print) -> DictConfig:
-    """Check that data.val has data.train's classes (see the module docstring); returns the config, with the
-    recipe's data.val dropped where that is the rule."""
-    if not uses_val_labels(cfg):
+def pair_train_val(cfg: DictConfig, argv: list[str], use: ValLabels | None, log=print) -> DictConfig:
+    """Check that data.val has data.train's classes where the task reads them (`use`; see the module
+    docstring); returns the config, with the recipe's data.val dropped where that is the rule."""
+    if not uses_val_labels(cfg, use):
         return cfg
     train, val = label_set(cfg.data, cfg.data.train), label_set(cfg.data, cfg.data.val)
     if train is None or val is None:
         return cfg
-    what = "k-NN monitor" if cfg.task == "pretrain" else "evaluation"
     if val.num_classes == 0:
-        raise ConfigError(f"data.val={cfg.data.val!r} has no labels (class subfolders) for the {what}")
-    if train.num_classes == 0 and cfg.task != "pretrain":
-        return cfg  # the loader's own error names it (fine-tuning needs labelled data.train)
+        raise ConfigError(f"data.val={cfg.data.val!r} has no labels (class subfolders) for the {use.what}")
+    if train.num_classes == 0 and use.switch is None:
+        return cfg  # the loader's own error names it (training on labels needs labelled data.train)
     if not (train.num_classes == 0 or train.differs_from(val)):
         return cfg
     _, overrides = parse_overrides(argv)
     pair = f"data.val={cfg.data.val!r} ({val.describe()}) has other classes than data.train={cfg.data.train!r} ({train.describe()})"
-    asked = "data.val" in overrides or (cfg.task == "pretrain" and "log.knn_every_steps" in overrides)
+    asked = "data.val" in overrides or use.switch in overrides
     if "data.train" in overrides and not asked:
-        off = "k-NN monitor off" if cfg.task == "pretrain" else "no evaluation"
+        off = f"{use.what} off" if use.switch else "no evaluation"
         log(
             f"note: {pair}: the recipe's data.val is dropped ({off}); set data.val to held-out images of your classes"
         )
         with read_write(cfg):
             cfg.data.val = ""
-            if cfg.task == "pretrain":
-                cfg.log.knn_every_steps = 0
+            if use.switch:
+                OmegaConf.update(cfg, use.switch, 0)
         return cfg
-    fix = ", or log.knn_every_steps=0" if cfg.task == "pretrain" else ""
+    fix = f", or {use.switch}=0" if use.switch else ""
     raise ConfigError(f"{pair}: give held-out images of data.train's classes as data.val{fix}")

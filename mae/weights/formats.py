@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mae.runs.record import run_config_of
+
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
@@ -303,16 +305,6 @@ def mae_args_from_hf_config(cfg: Mapping) -> dict:
 # what a source records about its architecture
 
 
-def _run_config(source: Path):
-    """The run's config (OmegaConf) for a run dir, a checkpoint dir or a file inside one; else None."""
-    from mae.build import load_run_config
-
-    for d in [source, *source.parents][:3]:
-        if d.is_dir() and (d / "config.yaml").is_file():
-            return load_run_config(d)
-    return None
-
-
 def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
     """(architecture, extras) that a source records beside its weights: a run's config.yaml, a Hugging Face
     ViTMAE config.json, or the config.json of our `--to mae` / `--to timm` exports. The architecture is given as
@@ -321,7 +313,7 @@ def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
     crop_pct (data.crop_pct as the run set it: 0 = the reference's rule) where recorded."""
     src = Path(source)
     extras = dict(mask_ratio=0.75, mean=None, std=None, crop_pct=None)
-    hf_cfg, run_cfg = read_hf_config(src), _run_config(src)
+    hf_cfg, run_cfg = read_hf_config(src), run_config_of(src)
     own_cfg = src / "config.json" if src.is_dir() else src.parent / "config.json"
     if hf_cfg is not None:
         extras.update(mask_ratio=hf_cfg.get("mask_ratio", 0.75), **_hf_preprocessor_norm(own_cfg.parent))
@@ -329,8 +321,8 @@ def read_recorded(source: str | Path) -> tuple[dict | None, dict]:
     if run_cfg is not None:
         if "model" not in run_cfg or "name" not in run_cfg.model:
             return None, extras
-        from mae.build import model_overrides
         from mae.models import model_config
+        from mae.weights.build import model_overrides
 
         name = run_cfg.model.name
         args = {**model_config(name), **model_overrides(run_cfg, for_mae=name.startswith("mae_"))}
@@ -393,16 +385,16 @@ def _timm_arch(architecture: str, model_args: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# loading into models (the rules live in mae.adapt)
+# loading into models (the rules live in mae.weights.adapt)
 
 
 def load_encoder_into_vit(
     vit, source: str | Path | Mapping, verbose: bool = True, keep_head: bool = True
 ) -> tuple[list[str], list[str]]:
-    """Initialise a VisionTransformer's encoder from any source (mae.adapt.load_weights): a run / checkpoint,
+    """Initialise a VisionTransformer's encoder from any source (mae.weights.adapt.load_weights): a run / checkpoint,
     a reference-release file (full or encoder-only), a timm or Hugging Face source, a state dict. Returns
     (missing, unexpected) keys; the adaptation notes are printed when `verbose`."""
-    from mae.adapt import load_weights
+    from mae.weights.adapt import load_weights
 
     result = load_weights(vit, source, keep_head=keep_head)
     if verbose:
@@ -413,9 +405,9 @@ def load_encoder_into_vit(
 
 def load_mae_weights(mae_model, source: str | Path | Mapping) -> None:
     """Load full MAE weights (ours, a reference full file, a Hugging Face ViTMAE directory): every key of the
-    model must come from the source (an encoder-only source is an error here; mae.adapt.load_weights starts
+    model must come from the source (an encoder-only source is an error here; mae.weights.adapt.load_weights starts
     its decoder fresh). The fixed sin-cos tables are functions of the grid: another image size gets its own."""
-    from mae.adapt import load_weights
+    from mae.weights.adapt import load_weights
 
     result = load_weights(mae_model, source)
     if result.missing or result.unexpected:

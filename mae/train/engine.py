@@ -1,7 +1,7 @@
-"""The one training loop shared by pretraining, fine-tuning and linear probing.
+"""The one training loop shared by every task.
 
-Entry points build a `Task` (model, parameter groups, data, loss, optional evaluation / monitor /
-checkpoint hooks); `train` does the rest: Accelerate (DDP over processes and nodes, bf16/fp16/fp32),
+Tasks build a `Task` (model, parameter groups, data, loss, model.init, optional evaluation / monitor /
+checkpoint hooks); the Trainer does the rest: Accelerate (DDP over processes and nodes, bf16/fp16/fp32),
 gradient accumulation, warmup + cosine lr, clipping, logging to stdout / metrics.jsonl / wandb,
 atomic checkpoints with auto-resume, graceful stop on SIGUSR1/SIGTERM (with SLURM requeue), and a
 hard stop on a non-finite loss that never checkpoints the bad state.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,31 +23,39 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mae import checkpoint as ckpt
-from mae import fsdp, trackers
 from mae.config import ConfigError, Derived, check_compatible, derive, resolve_compile, to_yaml
-from mae.meter import Meter, loader_hint
-from mae.optim import build_optimizer, lr_at, set_lr
-from mae.runlock import claim_output_dir
-from mae.runtime import STOP, StopExchange, fmt_time, peak_mem_gb, precision_reason, request_requeue
+from mae.train import checkpoint as ckpt
+from mae.train import fsdp, trackers
+from mae.train.meter import Meter, loader_hint
+from mae.train.optim import build_optimizer, lr_at
+from mae.train.runtime import (
+    STOP,
+    ControlGroup,
+    StopExchange,
+    TrainingError,
+    fmt_time,
+    peak_mem_gb,
+    precision_reason,
+    request_requeue,
+)
+from mae.train.state import inner_optimizer
+from mae.train.step import LossFn, StepRunner
 
 PACE_STEPS = 5  # steps after the warm-up step before the first ETA is printed (when no log line came yet)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, failed checkpoint write); exit code 1."""
 
 
 @dataclass
 class Task:
     model: nn.Module  # unwrapped; the engine prepares it
-    groups: list[dict]  # optimizer parameter groups (mae.optim.param_groups)
+    groups: list[dict]  # optimizer parameter groups (mae.train.optim.param_groups)
     loader: object  # mae.data.TrainLoader
-    # (prepared model, images, labels, step, micro_step) -> scalar loss
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+    loss_fn: LossFn  # (prepared model, images, labels, step, micro_step) -> scalar loss
+    # model.init: called on a fresh start only (a resumed run's weights come from its checkpoint), before the
+    # model is sharded or prepared
+    init_weights: Callable[[], None] | None = None
     evaluate: Callable[[nn.Module, int], dict] | None = None  # (unwrapped model, step) -> metrics (all ranks)
     monitor: Callable[[nn.Module, int], dict] | None = None  # every `monitor_every` steps (all ranks)
     monitor_every: int = 0
@@ -94,12 +101,10 @@ class Trainer:
         self.cores = len(os.sched_getaffinity(0)) // local  # this process's share of the machine's cores
         self.stop = STOP
         self.exchange = StopExchange(cfg.checkpoint.stop_check_s)
-        self._ctrl_group = None
-        # Fault injection for the reliability tests (read at run time, never at import):
-        # MAE_FAULT_NAN_STEP=k makes the loss of step k non-finite; MAE_FAULT_CKPT_DELAY=s sleeps s
-        # seconds inside every checkpoint write, so that a kill can land in the middle of one.
-        self.fault_nan_step = int(os.environ.get("MAE_FAULT_NAN_STEP", "0") or 0)
-        self.fault_ckpt_delay = float(os.environ.get("MAE_FAULT_CKPT_DELAY", "0") or 0)
+        self.ranks = ControlGroup(accelerator.num_processes)
+        self.checkpoints = ckpt.Checkpointer(
+            self.out, accelerator, self.sharded, cfg.checkpoint.keep, self.ranks.any, self.log
+        )
 
     def log(self, msg: str) -> None:
         if self.acc.is_main_process:
@@ -108,23 +113,11 @@ class Trainer:
     # ---- state
 
     def resume(self, path: Path) -> None:
-        model_state, train_state, rng = ckpt.load_train_state(path, self.acc.process_index)
-        fsdp.load_model_state(self.raw_model, model_state)
-        del model_state
-        try:
-            changes = fsdp.load_optimizer_state(
-                self.raw_model, self.optimizer, self.groups, train_state["optimizer"]
-            )
-        except ValueError as e:
-            raise ckpt.CheckpointError(f"{path}: its optimizer state does not fit this run: {e}") from None
-        for line in changes:
-            self.log(line)
+        train_state = self.checkpoints.resume(path, self.raw_model, self.optimizer, self.groups)
         if train_state.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(train_state["scaler"])
         self.step = int(train_state["step"])
         self.bad_samples = int(train_state.get("bad_samples", 0))
-        if rng is not None:
-            ckpt.set_rng_state(rng)
         if train_state.get("world_size") not in (None, self.acc.num_processes):
             self.log(
                 f"warning: resuming a {train_state['world_size']}-process run on {self.acc.num_processes} "
@@ -137,83 +130,30 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
-        """All ranks: write an atomic checkpoint of the current step. A write failure on any rank stops
-        every rank (no rank waits forever at a barrier) and leaves the previous checkpoint as it was."""
+        """All ranks: an atomic checkpoint of the current step (mae.train.checkpoint), then the task's
+        on_checkpoint hook. Never checkpoints a state that a non-finite loss has reached."""
         self._check_finite()
-        tmp = ckpt.tmp_dir(self.out, self.step)
-        main = self.acc.is_main_process
-        err: OSError | None = None
-
-        def attempt(fn) -> None:
-            nonlocal err
-            if err is None:
-                try:
-                    fn()
-                except OSError as e:
-                    err = e
-
-        if main:
-            attempt(lambda: (shutil.rmtree(tmp) if tmp.exists() else None, tmp.mkdir(parents=True)))
-        self.acc.wait_for_everyone()
-        attempt(lambda: ckpt.write_rank_files(tmp, self.acc.process_index))
-        if self.fault_ckpt_delay:
-            time.sleep(self.fault_ckpt_delay)
-        # sharded: every rank takes part in gathering the full state; rank 0 alone holds and writes it
-        model_state = fsdp.model_state(self.raw_model) if (main or self.sharded) else None
-        optim_state = (
-            fsdp.optimizer_state(self.raw_model, _inner(self.optimizer), self.groups)
-            if (main or self.sharded)
-            else None
-        )
-        if main:
-            attempt(partial(self._write_main_files, model_state, optim_state))
-        del model_state, optim_state
-        self._raise_if_any_failed(err)
-        final = tmp.with_name(tmp.name[: -len(".tmp")])
-        if main:
-            attempt(lambda: ckpt.commit(tmp, self.cfg.checkpoint.keep))
-        self._raise_if_any_failed(err)
-        if self.task.on_checkpoint is not None and (main or self.sharded):
-            self.task.on_checkpoint(self.raw_model, final, self.step)
-        return final
-
-    def _write_main_files(self, model_state: dict, optim_state: dict) -> None:
-        train_state = {
-            "optimizer": optim_state,
+        train = {
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
             "step": self.step,
             "epoch": self.step // self.derived.steps_per_epoch,
             "bad_samples": self.bad_samples,
             "world_size": self.acc.num_processes,
         }
-        meta = {"step": self.step, "epoch": train_state["epoch"], "task": self.cfg.task}
-        ckpt.write_main_files(ckpt.tmp_dir(self.out, self.step), model_state, train_state, meta)
-
-    def _raise_if_any_failed(self, err: OSError | None) -> None:
-        failed = self._any_rank(err is not None)
-        if failed:
-            why = f" ({err})" if err is not None else " on another process"
-            raise TrainingError(
-                f"checkpoint write at step {self.step} failed{why}; the previous checkpoint is intact"
-            )
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any (a CPU gloo exchange; also a barrier)."""
-        if self.acc.num_processes == 1:
-            return flag
-        if self._ctrl_group is None:
-            self._ctrl_group = dist.new_group(backend="gloo")
-        t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctrl_group)
-        return bool(t.item())
+        meta = {"step": self.step, "epoch": train["epoch"], "task": self.cfg.task}
+        final = self.checkpoints.save(self.step, self.raw_model, self.optimizer, self.groups, train, meta)
+        if self.task.on_checkpoint is not None and (self.acc.is_main_process or self.sharded):
+            self.task.on_checkpoint(self.raw_model, final, self.step)
+        return final
 
     # ---- checks
 
     def _check_finite(self) -> None:
+        first_bad = self.runner.first_bad
         bad = (
-            int(self.acc.reduce(self.first_bad.clone(), reduction="max").item())
+            int(self.acc.reduce(first_bad.clone(), reduction="max").item())
             if self.acc.num_processes > 1
-            else int(self.first_bad.item())
+            else int(first_bad.item())
         )
         if bad >= 0:
             raise TrainingError(
@@ -228,14 +168,11 @@ class Trainer:
             return self.stop.signum
         if not self.exchange.due(self.step):
             return 0
-        if self._ctrl_group is None:
-            self._ctrl_group = dist.new_group(backend="gloo")
         now = time.monotonic()
         # one MAX all-reduce: the highest signal and the smallest proposed interval (negated)
-        t = torch.tensor([self.stop.signum, -self.exchange.proposal(self.step, now)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctrl_group)
-        self.exchange.agreed(self.step, now, -int(t[1]))
-        return int(t[0])
+        signum, neg_steps = self.ranks.max([self.stop.signum, -self.exchange.proposal(self.step, now)])
+        self.exchange.agreed(self.step, now, -neg_steps)
+        return signum
 
     # ---- logging
 
@@ -284,18 +221,22 @@ class Trainer:
             _synchronize(self.acc.device)
             self.log(f"torch.compile: first step took {time.time() - t0:.1f} s (compilation, data start-up)")
 
-        handle = _inner(self.optimizer).register_step_post_hook(hook)
+        handle = inner_optimizer(self.optimizer).register_step_post_hook(hook)
 
     # ---- main
 
     def run(self) -> int:
         cfg, acc, d = self.cfg, self.acc, self.derived
+        resume_from = prepare_output_dir(cfg, acc)
+        if resume_from is None and self.task.init_weights is not None:
+            self.task.init_weights()  # model.init: a fresh start only
+        elif resume_from is not None and cfg.model.init:
+            self.log(f"resuming in {self.out}: weights come from its checkpoint, model.init is not read")
         if self.sharded:
             self.groups = fsdp.shard(self.raw_model, self.groups, acc.mixed_precision)
         elif cfg.train.fsdp:
             self.log("train.fsdp=true with one process: nothing to shard, the model runs whole")
         self.optimizer = build_optimizer(self.groups, cfg.train.optimizer, d.lr, cfg.train.betas)
-        resume_from = prepare_output_dir(cfg, acc)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             for p in ckpt.remove_partial(self.out):
@@ -304,7 +245,6 @@ class Trainer:
                 self.log(f"dropped {dropped} metrics rows of an earlier attempt that left no checkpoint")
             (self.out / "config.yaml").write_text(to_yaml(cfg, d))
         acc.wait_for_everyone()
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=acc.device)
         if resume_from is not None:
             self.resume(resume_from)
         self.log(
@@ -326,6 +266,9 @@ class Trainer:
             self.model, self.optimizer = model, acc.prepare(self.optimizer)
         else:
             self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.runner = StepRunner(acc, self.model, self.raw_model, self.optimizer, self.task.loss_fn,
+                                 grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
+                                 sharded=self.sharded)  # fmt: skip
         self._init_trackers()
         self.stop.install()  # no-op when make_accelerator did it
         try:
@@ -339,8 +282,6 @@ class Trainer:
     def _loop(self) -> int:
         cfg, d = self.cfg, self.derived
         ga, spe = cfg.train.grad_accum, d.steps_per_epoch
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.loss_sum = torch.zeros((), device=self.acc.device)
         meter = Meter(d.total_steps, self.step, d.effective_batch)
         progress = _progress(cfg, self.acc, d.total_steps, self.step)
         self.model.train()
@@ -350,11 +291,14 @@ class Trainer:
             for images, labels, n_bad in meter.batches(self._fetch(epoch, (self.step % spe) * ga)):
                 yielded += 1
                 self.bad_samples += int(n_bad)
-                self._forward_backward(images, labels, micro, last_micro=micro == ga - 1)
+                self.runner.forward_backward(images, labels, self.step, micro)
                 micro = (micro + 1) % ga
                 if micro:
                     continue
-                self._optimizer_step()
+                self.runner.optimizer_step(
+                    lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr, cfg.train.schedule)
+                )
+                self.step += 1
                 meter.step_done(self.step, partial(_synchronize, self.acc.device))
                 if progress is not None:
                     progress.update(1)
@@ -386,47 +330,6 @@ class Trainer:
             (x.to(device, non_blocking=True), y.to(device, non_blocking=True), n)
             for x, y, n in loader.iterate(epoch, start_step=start_step)
         )
-
-    def _forward_backward(
-        self, images: torch.Tensor, labels: torch.Tensor, micro: int, last_micro: bool
-    ) -> None:
-        """One micro-step: loss and gradients, gradient sync only on the last micro-step. The loss is summed
-        and checked for NaN on the device; nothing is read back here."""
-        acc, task, ga = self.acc, self.task, self.cfg.train.grad_accum
-        if last_micro or acc.num_processes == 1:
-            ctx = _null()
-        else:
-            ctx = fsdp.no_grad_sync(self.raw_model) if self.sharded else acc.no_sync(self.model)
-        with ctx:
-            with acc.autocast() if self.sharded else _null():
-                if images.shape[0] > 0:
-                    loss = task.loss_fn(self.model, images, labels, self.step, micro)
-                else:  # every sample was corrupt: a zero-gradient pass keeps the ranks in lockstep
-                    dummy = images.new_zeros(2, *images.shape[1:])
-                    loss = (
-                        task.loss_fn(
-                            self.model, dummy, labels.new_zeros(2, *labels.shape[1:]), self.step, micro
-                        )
-                        * 0.0
-                    )
-            if self.fault_nan_step == self.step + 1:
-                loss = loss * float("nan")
-            acc.backward(loss / ga)
-        loss = loss.detach().float()
-        self.loss_sum += loss
-        self.first_bad = torch.where(
-            (self.first_bad < 0) & ~torch.isfinite(loss), self.step + 1, self.first_bad
-        )
-
-    def _optimizer_step(self) -> None:
-        cfg, d = self.cfg, self.derived
-        lr = lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr, cfg.train.schedule)
-        set_lr(self.optimizer, lr)
-        if cfg.train.clip_grad > 0:
-            self.acc.clip_grad_norm_(self.params, cfg.train.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
 
     def _bookkeeping(self, meter: Meter) -> int | None:
         """After an optimizer step: log, monitor, evaluate, checkpoint, obey a stop signal. Returns the exit
@@ -473,8 +376,8 @@ class Trainer:
         acc, d, ga = self.acc, self.derived, self.cfg.train.grad_accum
         self._check_finite()
         n = max(meter.window_steps * ga * acc.num_processes, 1)
-        mean_loss = acc.reduce(self.loss_sum, reduction="sum").item() / n
-        self.loss_sum.zero_()
+        mean_loss = acc.reduce(self.runner.loss_sum, reduction="sum").item() / n
+        self.runner.loss_sum.zero_()
         m = meter.read(self.step)
         group = self.optimizer.param_groups[0]
         row = {
@@ -516,27 +419,12 @@ class Trainer:
         return 130 if signum == signal.SIGINT else 0
 
 
-def _inner(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _plain(cfg: DictConfig) -> dict:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -552,64 +440,27 @@ def _progress(cfg: DictConfig, acc: Accelerator, total: int, initial: int):
 
 
 def train(cfg: DictConfig, accelerator: Accelerator, task: Task) -> int:
-    lock = None
+    """Run `task` in cfg.output_dir, holding the directory's lock (one run per directory) from before it is read
+    or cleaned up until the run has ended. A run that fails before writing anything (a bad model.init, say)
+    leaves no directory it created."""
+    from mae.runs.lock import claim_output_dir, remove_if_unused
+
+    out = Path(cfg.output_dir)
+    created = accelerator.is_main_process and not out.exists()
+    lock, finished = None, False
     try:
-        # one run per output_dir, from before it is read or cleaned up until the run has ended
-        lock = claim_output_dir(Path(cfg.output_dir), cfg.checkpoint.lock_wait_s, accelerator)
-        return Trainer(cfg, accelerator, task).run()
+        lock = claim_output_dir(out, cfg.checkpoint.lock_wait_s, accelerator)
+        rc = Trainer(cfg, accelerator, task).run()
+        finished = True
+        return rc
     finally:
         if lock is not None:
             lock.release()
+        if created and not finished:
+            remove_if_unused(out)
         STOP.restore()
 
 
 def seed_everything(seed: int, rank: int) -> None:
     """Seed python/numpy/torch per process (data workers derive their own from the data seed)."""
     set_seed(seed + rank)
-
-
-def run_entry(
-    task_name: str, argv: list[str] | None, build_task: Callable[[DictConfig, object], Task]
-) -> int:
-    """The body of every entry point's `main`: config -> Accelerator -> task -> the loop. User errors (config,
-    data, command line) print one line and return 2; a run that cannot go on returns 1."""
-    from mae import cli
-    from mae.config import load_config
-    from mae.data import DataError
-    from mae.labelsets import pair_train_val
-    from mae.runtime import make_accelerator
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, flags = cli.split_flags(argv)
-        if "help" in flags:
-            print(cli.usage(task_name, sys.modules[build_task.__module__].__doc__))
-            return 0
-        cfg = load_config(args, task=task_name, log=print if cli.is_main_rank() else None)
-        cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
-        if "print-config" in flags:
-            return cli.print_config(cfg)
-        acc = make_accelerator(cfg)  # installs the stop-signal handlers
-        try:
-            seed_everything(cfg.seed, acc.process_index)
-            rc = train(cfg, acc, build_task(cfg, acc))
-        finally:  # also when building the task fails: the caller's own handlers come back
-            STOP.restore()
-    except (ConfigError, DataError) as e:
-        if not getattr(e, "quiet", False):
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if rc == 0 and acc.is_main_process:
-        out = Path(cfg.output_dir)
-        for name, label in (
-            ("metrics.jsonl", "metrics"),
-            ("checkpoint-last", "checkpoint"),
-            ("checkpoint-best", "best"),
-            ("reconstruction-last.png", "reconstruction"),
-        ):
-            if (out / name).exists():
-                print(f"{label + ':':<16}{out / name}")
-    return rc

@@ -1,74 +1,18 @@
-"""Fully sharded data parallel (`train.fsdp=true`) and the state dicts every checkpoint goes through.
-
-Sharding is PyTorch's FSDP2 (`fully_shard`): each transformer block is one unit, the rest of the model is
-the root's unit. Parameters, gradients and optimizer state are split over the processes; a block's weights
-are gathered for its forward and backward only. It runs on NCCL (GPUs) and gloo (CPU processes) alike.
-Under bf16 the weights are gathered in bf16 and gradients reduced in fp32.
-
-Checkpoints hold full (unsharded) tensors whether or not a run is sharded: weights keyed like
-`model.state_dict()`, and optimizer state keyed by parameter name (the format of
-`torch.distributed.checkpoint.state_dict`). A run can therefore resume with or without sharding and on
-another number of processes, and `mae.export` / `model.init` read its checkpoints as any other.
-"""
+"""What a checkpoint holds, sharded (FSDP) or not: full (unsharded) weights keyed like `model.state_dict()`,
+optimizer state keyed by parameter name (the format of `torch.distributed.checkpoint.state_dict`), and each
+process's RNG states. A run can therefore resume with or without sharding and on another number of processes,
+and `mae.export` / `model.init` read its checkpoints as any other."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+import random
 
+import numpy as np
 import torch
 from torch import nn
 
-# Methods other than forward that run the model on their own (k-NN features); FSDP gathers the root's
-# weights around them as it does around forward.
-FORWARD_METHODS = ("forward_features", "forward_intermediates")
-
-
-def enabled(cfg, num_processes: int) -> bool:
-    """Whether a run shards its model: train.fsdp with more than one process (one has nothing to shard)."""
-    return bool(cfg.train.fsdp) and num_processes > 1
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def shard(model: nn.Module, groups: list[dict], precision: str) -> list[dict]:
-    """Shard `model` in place (every transformer block, then the root) and return the optimizer parameter
-    groups with the sharded parameters in place of the originals (matched by name)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    from mae.models.vit import Block
-
-    if precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy()
-    for module in model.modules():
-        if isinstance(module, Block):
-            fully_shard(module, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    for name in FORWARD_METHODS:
-        if hasattr(model, name):
-            register_fsdp_forward_method(model, name)
-    # The model's outputs include slices of larger tensors (pred without the cls row); nothing here
-    # modifies them in place, which is what FSDP warns about on every forward.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    params = dict(model.named_parameters())
-    return [{**g, "params": [params[n] for n in g["names"]]} for g in groups]
-
-
-@contextmanager
-def no_grad_sync(model: nn.Module) -> Iterator[None]:
-    """Accumulate gradients locally (micro-steps before the last): no reduce-scatter."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
+from mae.config import ConfigError
+from mae.train.fsdp import is_sharded
 
 
 def _options(**kw):
@@ -99,7 +43,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dict]) -> dict:
     """Full optimizer state keyed by parameter name. Sharded: a collective; rank 0 gets it, the others {}.
-    `groups` are the optimizer's parameter groups with their "names" (mae.optim.param_groups)."""
+    `groups` are the optimizer's parameter groups with their "names" (mae.train.optim.param_groups)."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -119,7 +63,7 @@ def load_optimizer_state(
     (AdamW's moments into LARS) is an error."""
     names = _names(groups)
     by_name = _by_name(state, _checkpoint_names(state, names)) if _by_index(state) else state
-    current = [{k: v for k, v in g.items() if k != "params"} for g in _inner(optimizer).param_groups]
+    current = [{k: v for k, v in g.items() if k != "params"} for g in inner_optimizer(optimizer).param_groups]
     changes = _changes(by_name["param_groups"], current, [g["names"] for g in groups])
     merged = {
         "state": by_name["state"],
@@ -155,8 +99,6 @@ _GROUP_SETTINGS = {
 
 def _changes(saved: list[dict], current: list[dict], current_names: list[list[str]]) -> list[str]:
     """Lines naming each config key whose group settings differ between the checkpoint and this run."""
-    from mae.config import ConfigError
-
     adamw = ["betas" in g for g in saved], ["betas" in g for g in current]
     if saved and current and adamw[0][0] != adamw[1][0]:
         was, now = ("adamw", "lars") if adamw[0][0] else ("lars", "adamw")
@@ -188,7 +130,8 @@ def _plain(v):
     return round(float(v), 10) if isinstance(v, (int, float)) else v
 
 
-def _inner(optimizer):
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
@@ -213,3 +156,24 @@ def _by_name(state: dict, names: list[str]) -> dict:
         "state": {names[i]: s for i, s in state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
     }
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -13,15 +13,38 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
-from mae import trackers
 from mae.config import ConfigError
+from mae.device import cpu_supports_bf16
+from mae.train import trackers
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, failed checkpoint write); exit code 1."""
+
+
+class ControlGroup:
+    """Small agreements between the ranks of a launch on a CPU (gloo) group, whatever the training backend: no
+    device sync. With one process every answer is local."""
+
+    def __init__(self, num_processes: int):
+        self.num_processes = num_processes
+        self._group = None
+
+    def max(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of `values` over the ranks (also a barrier)."""
+        if self.num_processes == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any."""
+        return bool(self.max([int(flag)])[0])
 
 
 def resolve_precision(precision: str, on_cuda: bool) -> str:
@@ -66,6 +89,15 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     )
     STOP.verbose = acc.is_main_process
     return acc
+
+
+def local_accelerator(precision: str, device: torch.device) -> Accelerator:
+    """A one-process Accelerator of `precision` (fp32, bf16, fp16) on `device`: the training loop's autocast,
+    grad scaler and backward for an in-process measurement (mae-bench's step)."""
+    _reset_single_process_state()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type != "cuda")
 
 
 def _reset_single_process_state() -> None:

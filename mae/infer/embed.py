@@ -147,9 +147,9 @@ def label_names(labels: np.ndarray, classes: list[str] | None) -> list[str]:
 
 
 def knn_figure(bank: Embedded, queries: Embedded, k: int) -> float:
-    """k-NN top-1 (percent) of the queries against the bank: mae.evaluation's, as the pretraining monitor
+    """k-NN top-1 (percent) of the queries against the bank: mae.eval.metrics's, as the pretraining monitor
     (L2-normalised features, cosine similarity, votes weighted by exp(sim / 0.07))."""
-    from mae.evaluation import knn_top1
+    from mae.eval.metrics import knn_top1
 
     def feats(e: Embedded) -> torch.Tensor:
         return F.normalize(torch.from_numpy(e.vectors).float(), dim=1)
@@ -166,7 +166,7 @@ def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_so
     count a query as its own neighbour) and their k nearest bank images by cosine similarity."""
     from mae.data.loaders import read_by_ids
     from mae.data.sources import balanced_order
-    from mae.viz import neighbour_grid
+    from mae.eval.figures import neighbour_grid
 
     own = queries is None
     queries, query_source = (bank, bank_source) if own else (queries, query_source)
@@ -204,10 +204,10 @@ def data_config(source: str, embedder: Embedder, workers: int):
     from omegaconf import OmegaConf
 
     from mae.embed import base_data
-    from mae.weights import _run_config
+    from mae.runs.record import run_config_of
 
     data = dict(base_data())
-    run = _run_config(Path(source))
+    run = run_config_of(Path(source))
     if run is not None and "data" in run:
         data.update(OmegaConf.to_container(run.data))
     s = embedder.spec
@@ -290,13 +290,13 @@ def run(opts: argparse.Namespace) -> int:
 
 def _labels_for_knn(opts, cfg, data: str, val: str | None) -> tuple[list[str] | None, int]:
     """(DATA's class names or None, the k of the k-NN). With --knn, VAL_DATA must have DATA's classes (as the
-    pretraining's data.val; mae.labelsets) and both must be labelled."""
-    from mae.labelsets import label_set
-    from mae.weights import _run_config
+    pretraining's data.val; mae.eval.labelsets) and both must be labelled."""
+    from mae.eval.labelsets import label_set
+    from mae.runs.record import run_config_of
 
     bank = label_set(cfg, data)
     classes = list(bank.names) if bank is not None and bank.names else None
-    run = _run_config(Path(opts.source))
+    run = run_config_of(Path(opts.source))
     k = opts.knn_k or (int(run.log.knn_k) if run is not None and "log" in run and "knn_k" in run.log else 20)
     if not val:
         return classes, k

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mae.checkpoint import LAST, latest_checkpoint
 from mae.config import ConfigError
+from mae.runs.record import load_run_config, resolve_checkpoint
 
 
 def default_patch_size(name: str) -> int:
@@ -118,27 +117,6 @@ def build_segmenter(cfg: DictConfig, num_classes: int):
         )
     except ValueError as e:
         raise ConfigError(f"model.seg_blocks / model.seg_head: {e}") from None
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(checkpoint dir, run dir) for a run directory or one of its checkpoint directories."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file() and (p.parent / "config.yaml").is_file():
-        return p, p.parent
-    if (p / "config.yaml").is_file():
-        last = p / LAST
-        ck = last.resolve() if last.exists() else latest_checkpoint(p)
-        if ck is None or not (ck / "model.safetensors").is_file():
-            raise ConfigError(f"{p} has no checkpoint yet")
-        return ck, p
-    raise ConfigError(f"{p} is neither a run directory (config.yaml) nor one of its checkpoints")
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    with open(run_dir / "config.yaml") as f:
-        data = yaml.safe_load(f)
-    data.pop("derived", None)
-    return OmegaConf.create(data)
 
 
 def load_run_model(path: str | Path):

@@ -173,7 +173,7 @@ def read_any(source: str | Path | Mapping) -> tuple[dict, dict | None, str]:
     """(state dict in our names, recorded architecture or None, the source named for messages)."""
     if isinstance(source, Mapping):
         return dict(source), None, "state dict"
-    from mae.weights import load_state_dict_any, read_recorded
+    from mae.weights.formats import load_state_dict_any, read_recorded
 
     return load_state_dict_any(source), read_recorded(source)[0], str(source)
 

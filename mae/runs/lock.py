@@ -124,3 +124,13 @@ def claim_output_dir(out: Path, wait_s: float, accelerator) -> RunLock | None:
     if msg:
         raise OutputDirBusy(msg, quiet=not accelerator.is_main_process)
     return lock
+
+
+def remove_if_unused(out: Path) -> None:
+    """Remove a run directory that holds nothing but its (released) lock file."""
+    try:
+        if {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (top-k, k-NN, segmentation, COCO), whether data.val can score data.train, figures."""

@@ -1,0 +1,71 @@
+"""Segmentation predictions of a finished run: the run's model and transform, one image at a time at its own
+size, class-id masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mae.config import ConfigError
+
+
+def load_run(run_dir: str, which: str, device: torch.device):
+    """(model in eval mode, run config) of a segmentation run directory."""
+    from safetensors.torch import load_file
+
+    from mae.runs.record import BEST, load_run_config, resolve_checkpoint
+    from mae.weights.build import build_segmenter
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_run_config(run)
+    if cfg.get("task") != "segment":
+        raise ConfigError(f"{run_dir}: a {cfg.get('task')!r} run, not a segmentation run (mae/segment.py)")
+    if which == "best" and (run / BEST / "model.safetensors").is_file():
+        path = run / BEST / "model.safetensors"
+    else:
+        path = resolve_checkpoint(run)[0] / "model.safetensors"
+    state = load_file(str(path))
+    num_classes = state["decode_head.conv_seg.weight"].shape[0]
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.freeze_encoder = False
+    model = build_segmenter(cfg, num_classes)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), cfg, path
+
+
+def find_images(source: str) -> list[Path]:
+    from mae.data.images import IMAGE_EXTS
+
+    p = Path(source)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ConfigError(f"INPUT {source!r}: no such file or directory")
+    found = sorted(
+        f
+        for f in p.rglob("*")
+        if f.is_file() and not f.name.startswith(".") and f.suffix[1:].lower() in IMAGE_EXTS
+    )
+    if not found:
+        raise ConfigError(f"INPUT {source!r}: no image files")
+    return found
+
+
+def predict(model, cfg, img: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Class ids (H, W) uint8 of one image (C, H, W in the loader's scale)."""
+    from mae.data.segmentation import seg_transform
+    from mae.models.segmentation import segment_logits
+
+    transform = seg_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans, train=False)
+    x, _ = transform(img, np.zeros(img.shape[1:], np.uint8), 0)
+    with torch.no_grad():
+        logits = segment_logits(model, x[None].to(device), cfg.train.eval_mode, cfg.train.eval_stride).float()
+    logits = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False)
+    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()

@@ -1,0 +1,1 @@
+"""Performance measurement for `mae-bench`: the training step, the input pipeline, FLOPs and profiles."""

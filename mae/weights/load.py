@@ -1,0 +1,73 @@
+"""`model.init`: any weights source into a task's model (a MaskedAutoencoder, a classifier, a segmenter), with
+the rules of what a task may start fresh and what must match."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from mae.config import ConfigError
+
+NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match
+MAE_NEW = (
+    "decoder",
+    "mask_token",
+    "norm.",
+)  # what pretraining may start fresh: the decoder, a classifier's norm
+
+
+def load_init(
+    model: nn.Module, source: str, log=print, keep_head: bool = True
+) -> tuple[list[str], list[str]]:
+    """Load `model.init` into the model: a MaskedAutoencoder (pretraining: the encoder, and the decoder when
+    the source has one) or a ViT (transfer: the encoder; a classifier head of the model's shape is kept with
+    keep_head). Every source kind of mae.weights.formats, adapted to the model's channels, patch and image size
+    (mae.weights.adapt, one line per adaptation). Returns and prints (missing, unexpected) keys; what may be missing is
+    the task's own new parts (the head and fc_norm of a classifier, the decoder of a MAE), anything else
+    (another depth, say) is an error, as is a size that cannot be adapted (exit 2)."""
+    if not source:
+        log("model.init is empty: random initialisation (training from scratch)")
+        return [], []
+    if not os.path.exists(source):
+        raise ConfigError(f"model.init={source!r}: no such file or directory")
+    from mae.weights.adapt import ArchitectureMismatch, load_weights
+
+    try:
+        result = load_weights(model, source, keep_head=keep_head)
+    except ConfigError:
+        raise
+    except ArchitectureMismatch as e:
+        raise ConfigError(f"model.init={source!r}: {e}") from e
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.init={source!r} cannot be loaded into {type(model).__name__}: {first}"
+        ) from e
+    missing, unexpected = result.missing, result.unexpected
+    new = MAE_NEW if hasattr(model, "decoder_pred") else getattr(model, "new_prefixes", NEW_OR_DROPPED)
+    stray = [k for k in missing if not k.startswith(new)] + unexpected
+    if stray:
+        what = "lacks" if stray[0] in missing else "has extra"
+        more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
+        raise ConfigError(
+            f"model.init={source!r} {what} encoder weights {', '.join(stray[:3])}{more}: "
+            "set model.name / depth / embed_dim / patch_size to the checkpoint's"
+        )
+    log(f"initialised from {source}")
+    for note in result.notes:
+        log(f"  {note}")
+    if keep_head and isinstance(getattr(model, "head", None), nn.Linear) and "head.weight" not in missing:
+        log(f"  classifier head kept from {source} (its {model.head.out_features} classes match)")
+    if keep_head and hasattr(model, "decode_head") and "decode_head.conv_seg.weight" not in missing:
+        log(f"  segmentation head kept from {source} (its {model.seg_classes} classes match)")
+    log(f"  missing keys (newly initialised): {_listing(missing)}")
+    log(f"  unexpected keys (ignored): {_listing(unexpected)}")
+    return list(missing), list(unexpected)
+
+
+def _listing(keys: list[str], n: int = 8) -> str:
+    """Keys for a log line: all of a short list; the first few and a count of a long one (a fresh decoder)."""
+    if len(keys) <= n:
+        return ", ".join(keys) or "none"
+    return f"{', '.join(keys[:n])} and {len(keys) - n} more"
