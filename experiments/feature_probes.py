@@ -30,7 +30,7 @@ from mae.data.loaders import SUBSET_SEED  # noqa: E402
 from mae.data.sources import label_subset  # noqa: E402
 from mae.eval.metrics import knn_top1  # noqa: E402
 from mae.weights.build import build_vit, load_run_config, resolve_checkpoint  # noqa: E402
-from mae.weights.formats import load_encoder_into_vit  # noqa: E402
+from mae.weights.load import load_encoder_into_vit  # noqa: E402
 
 
 def encoder(run: str | Path, pretrained: bool = True) -> torch.nn.Module:

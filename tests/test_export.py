@@ -11,7 +11,8 @@ from mae.config import to_yaml
 from mae.export import main
 from mae.models import create_mae
 from mae.tasks import load_config
-from mae.weights.formats import load_mae_weights, load_state_dict_any
+from mae.weights.formats import load_state_dict_any
+from mae.weights.load import load_mae_weights
 
 TINY = dict(img_size=32, patch_size=8)
 

@@ -10,13 +10,8 @@ from _model_utils import reference_mae
 from safetensors.torch import save_file
 
 from mae.models import create_mae, create_vit, sincos_pos_embed_2d
-from mae.weights.formats import (
-    hf_to_mae_state_dict,
-    load_encoder_into_vit,
-    load_mae_weights,
-    load_state_dict_any,
-    mae_to_hf_state_dict,
-)
+from mae.weights.formats import hf_to_mae_state_dict, load_state_dict_any, mae_to_hf_state_dict
+from mae.weights.load import load_encoder_into_vit, load_mae_weights
 
 TINY = dict(img_size=32, patch_size=8)
 

@@ -11,6 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from mae.runs.files import atomic_write
+
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
@@ -124,10 +126,8 @@ def save_reconstructions(
     if not write:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    figure(panels, mean, std).save(tmp)
-    tmp.replace(path)
-    return path
+    picture = figure(panels, mean, std)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def load_images(paths: list[str], img_size: int, in_chans: int, mean, std) -> torch.Tensor:

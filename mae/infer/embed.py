@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mae.embed import Embedder, EmbedError
+from mae.weights.encoder import Embedder, EmbedError
 
 NEIGHBOUR_QUERIES = 8  # rows of neighbours.png: the first of a class-balanced order of the queries
 
@@ -113,18 +113,22 @@ def _merge(parts: list[Embedded]) -> Embedded:
 
 
 def write_outputs(out: Path, emb: Embedded, paths: list[str], labels: list[str], dtype: str) -> None:
-    """embeddings.npy and index.csv, each written to a temporary name and renamed when complete."""
+    """embeddings.npy and index.csv, each written atomically (mae.runs.files)."""
+    from mae.runs.files import atomic_write
+
+    def write_index(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["path", "label"])
+            w.writerows(zip(paths, labels))
+
+    def write_vectors(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+            np.save(f, emb.vectors.astype(dtype), allow_pickle=False)
+
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "embeddings.npy.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, emb.vectors.astype(dtype))
-    os.replace(tmp, out / "embeddings.npy")
-    tmp = out / "index.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "label"])
-        w.writerows(zip(paths, labels))
-    os.replace(tmp, out / "index.csv")
+    atomic_write(out / "embeddings.npy", write_vectors)
+    atomic_write(out / "index.csv", write_index)
 
 
 def index_columns(emb: Embedded, source: str, classes: list[str] | None) -> tuple[list[str], list[str]]:
@@ -167,6 +171,7 @@ def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_so
     from mae.data.loaders import read_by_ids
     from mae.data.sources import balanced_order
     from mae.eval.figures import neighbour_grid
+    from mae.runs.files import atomic_write
 
     own = queries is None
     queries, query_source = (bank, bank_source) if own else (queries, query_source)
@@ -189,9 +194,7 @@ def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_so
     n_labels = label_names(bank.labels[top.flatten().numpy()], classes)
     n_labels = [n_labels[i * k : (i + 1) * k] for i in range(len(rows))]
     grid = neighbour_grid(q_imgs, n_imgs, s.mean, s.std, q_labels, n_labels)
-    tmp = path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,8 +206,8 @@ def data_config(source: str, embedder: Embedder, workers: int):
     synthetic_samples, ...), then the transform's mean / std / crop_pct and --workers."""
     from omegaconf import OmegaConf
 
-    from mae.embed import base_data
     from mae.runs.record import run_config_of
+    from mae.weights.encoder import base_data
 
     data = dict(base_data())
     run = run_config_of(Path(source))

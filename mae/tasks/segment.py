@@ -5,7 +5,6 @@ the best model by mIoU kept in checkpoint-best/, per-class IoU in eval.json."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
     from mae.data.segmentation import SegEvalLoader, check_some_pairs, pair_source, seg_transform
     from mae.eval.metrics import confusion_matrix, segmentation_scores
     from mae.models.segmentation import segment_logits
+    from mae.runs.files import atomic_text
 
     if not cfg.data.val:
         return None
@@ -88,9 +88,7 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
                 "eval_mode": cfg.train.eval_mode,
             }
             report.update({k: scores[k] for k in ("miou", "macc", "aacc")}, per_class=per_class)
-            out = Path(cfg.output_dir) / "eval.json"
-            out.with_suffix(".tmp").write_text(json.dumps(report, indent=1))
-            os.replace(out.with_suffix(".tmp"), out)
+            atomic_text(Path(cfg.output_dir) / "eval.json", json.dumps(report, indent=1))
             if bad:
                 log(f"evaluation skipped {bad} bad pair(s) of data.val (named above)")
         return {k: scores[k] for k in ("miou", "macc", "aacc")}

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mae.runs.files import atomic_dir, fsync_dir, recover_dir, replace_dir
+from mae.runs.files import atomic_dir, atomic_text, fsync_dir, recover_dir, replace_dir
 from mae.runs.record import BEST, LAST, CheckpointError, ckpt_name, latest_checkpoint, list_checkpoints  # noqa: F401
 from mae.train import state as st
 from mae.train.runtime import TrainingError
@@ -150,9 +150,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_text(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

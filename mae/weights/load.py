@@ -4,10 +4,13 @@ the rules of what a task may start fresh and what must match."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from torch import nn
 
 from mae.config import ConfigError
+from mae.weights.adapt import ArchitectureMismatch, load_weights
 
 NEW_OR_DROPPED = ("head.", "fc_norm.", "norm.")  # the classifier's own parts; the rest must match
 MAE_NEW = (
@@ -31,8 +34,6 @@ def load_init(
         return [], []
     if not os.path.exists(source):
         raise ConfigError(f"model.init={source!r}: no such file or directory")
-    from mae.weights.adapt import ArchitectureMismatch, load_weights
-
     try:
         result = load_weights(model, source, keep_head=keep_head)
     except ConfigError:
@@ -71,3 +72,37 @@ def _listing(keys: list[str], n: int = 8) -> str:
     if len(keys) <= n:
         return ", ".join(keys) or "none"
     return f"{', '.join(keys[:n])} and {len(keys) - n} more"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# library helpers
+
+
+def load_encoder_into_vit(
+    vit, source: str | Path | Mapping, verbose: bool = True, keep_head: bool = True
+) -> tuple[list[str], list[str]]:
+    """Initialise a VisionTransformer's encoder from any source (mae.weights.adapt.load_weights): a run / checkpoint,
+    a reference-release file (full or encoder-only), a timm or Hugging Face source, a state dict. Returns
+    (missing, unexpected) keys; the adaptation notes are printed when `verbose`."""
+    result = load_weights(vit, source, keep_head=keep_head)
+    if verbose:
+        for note in result.notes:
+            print(note)
+    return result.missing, result.unexpected
+
+
+def load_mae_weights(mae_model, source: str | Path | Mapping) -> None:
+    """Load full MAE weights (ours, a reference full file, a Hugging Face ViTMAE directory): every key of the
+    model must come from the source (an encoder-only source is an error here; mae.weights.adapt.load_weights starts
+    its decoder fresh). The fixed sin-cos tables are functions of the grid: another image size gets its own."""
+    result = load_weights(mae_model, source)
+    if result.missing or result.unexpected:
+        hint = " (an encoder-only file: use load_encoder_into_vit)" if result.missing else ""
+        raise ValueError(
+            f"{result.what} does not match the model: missing {_few(result.missing)}, "
+            f"unexpected {_few(result.unexpected)}{hint}"
+        )
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"
