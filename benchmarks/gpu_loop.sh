@@ -161,7 +161,7 @@ if decode:
     lines += ["", f"device-decoded crops vs the CPU path on {decode['device']}: mean |diff| "
               f"{decode['mean_abs_diff_levels']:.3f} levels of 255 over {decode['crops']} crops"]
 if per_worker:
-    from mae.bench_data import format_rows
+    from mae.perf.data import format_rows
 
     lines += ["", "```", format_rows(per_worker), "```"]
 open(f"{out}/loop.md", "w").write("\n".join(lines) + "\n")

@@ -78,8 +78,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mae.config import ConfigError

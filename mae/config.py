@@ -138,7 +138,9 @@ def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any], reads: Mapping[str, frozenset]) -> list[str]:
+def check_reads(
+    task: str, explicit: dict[str, str], flat: dict[str, Any], reads: Mapping[str, frozenset]
+) -> list[str]:
     """Refuse a key set in the recipe or on the command line (`explicit`: key -> where it was set) that `task`
     does not read (`reads`: every task's keys, to name the tasks that do); returns the notes for keys that
     another setting leaves unused."""

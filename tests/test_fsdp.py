@@ -20,8 +20,8 @@ from mae.linprobe import main as linprobe_main
 from mae.models import create_mae
 from mae.runs.record import BEST
 from mae.tasks import load_config
-from mae.train.state import load_optimizer_state, optimizer_state
 from mae.train.optim import build_optimizer, param_groups
+from mae.train.state import load_optimizer_state, optimizer_state
 from mae.weights.build import build_vit
 from tests.conftest import TINY_MODEL, TWO_CPU_PROCESSES
 

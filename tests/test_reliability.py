@@ -480,7 +480,9 @@ def _bad_loss_at(step: int, value: float):
     def build_task(cfg, acc):
         task = build(cfg, acc)
         loss_fn = task.loss_fn
-        task.loss_fn = lambda m, x, y, s, micro: (loss_fn(m, x, y, s, micro) * (value if s + 1 == step else 1.0))
+        task.loss_fn = lambda m, x, y, s, micro: (
+            loss_fn(m, x, y, s, micro) * (value if s + 1 == step else 1.0)
+        )
         return task
 
     return build_task

@@ -21,11 +21,15 @@ def full_steps(num_samples: int, per_step: int, what: str) -> int:
     """Steps of an epoch: full batches of `per_step` (batch_size x world_size) samples; none is an error."""
     steps = num_samples // per_step
     if steps < 1:
-        raise DataError(f"{what}: {num_samples} samples make no full batch of {per_step} (batch_size x world_size)")
+        raise DataError(
+            f"{what}: {num_samples} samples make no full batch of {per_step} (batch_size x world_size)"
+        )
     return steps
 
 
-def train_bounds(batch_size: int, rank: int, world_size: int, start_step: int, steps: int) -> list[tuple[int, int]]:
+def train_bounds(
+    batch_size: int, rank: int, world_size: int, start_step: int, steps: int
+) -> list[tuple[int, int]]:
     """[start, end) positions in the epoch's order of rank `rank`'s batch at each step start_step .. steps - 1."""
     return [
         ((k * world_size + rank) * batch_size, (k * world_size + rank + 1) * batch_size)

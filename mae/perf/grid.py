@@ -227,8 +227,6 @@ def run_data(args) -> dict:
     return {"img_size": size, "batch": batch, "in_chans": args.in_chans, "device": str(device), "data": rows}
 
 
-
-
 def write_json(path: str, report: dict) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

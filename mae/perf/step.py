@@ -407,8 +407,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-
-
 @functools.cache
 def say_once(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

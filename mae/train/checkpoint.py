@@ -168,7 +168,9 @@ class Checkpointer:
         self.out, self.acc, self.sharded, self.keep = Path(out), acc, sharded, keep
         self.any_rank, self.log = any_rank, log
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, groups: list[dict], train: dict, meta: dict) -> Path:
+    def save(
+        self, step: int, model: torch.nn.Module, optimizer, groups: list[dict], train: dict, meta: dict
+    ) -> Path:
         """All ranks: an atomic checkpoint of `step`: weights, optimizer state (by parameter name), `train`
         (scaler, counters) and `meta` in meta.json. A failure on any rank raises TrainingError on all, leaving
         the previous checkpoint as it was."""

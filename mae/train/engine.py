@@ -296,7 +296,9 @@ class Trainer:
                 if micro:
                     continue
                 self.runner.optimizer_step(
-                    lr_at(self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr, cfg.train.schedule)
+                    lr_at(
+                        self.step, d.total_steps, d.warmup_steps, d.lr, cfg.train.min_lr, cfg.train.schedule
+                    )
                 )
                 self.step += 1
                 meter.step_done(self.step, partial(_synchronize, self.acc.device))

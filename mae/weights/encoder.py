@@ -114,7 +114,10 @@ class Embedder:
 
         x = images if isinstance(images, torch.Tensor) else self.preprocess(images)
         x = x.unsqueeze(0) if x.ndim == 3 else x
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"),
+        ):
             # the last block kept (truncate), through the final norm: tokens (N, L, D), cls (N, 1, D)
             ((tokens, cls),) = self.model.forward_intermediates(
                 x.to(self.device, non_blocking=True), 1, return_prefix_tokens=True, norm=True,
