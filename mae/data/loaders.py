@@ -33,7 +33,7 @@ from .sources import (
     label_subset,
     map_source,
 )
-from .transforms import build_transform, norm_stats, sample_seed, seeded
+from .transforms import AUGMENTATIONS, build_transform, norm_stats, sample_seed, seeded
 
 log = logging.getLogger("mae.data")
 SUBSET_SEED = 0  # label_fraction / k-NN subsets are the same for every run seed, so runs compare
@@ -259,10 +259,11 @@ def resolve_decode(cfg, source: str, augment: str) -> str:
     mode = str(getattr(cfg, "decode", "auto"))
     if mode not in DECODES:
         raise DataError(f"data.decode must be one of {', '.join(DECODES)}, got {mode!r}")
+    device_crops = AUGMENTATIONS[augment].crops_on_device
     if mode == "auto":
         files = is_shard_source(source) or os.path.isdir(source)
-        return "device" if torch.cuda.is_available() and files and augment == "mae" else "cpu"
-    if mode == "device" and augment != "mae":
+        return "device" if torch.cuda.is_available() and files and device_crops else "cpu"
+    if mode == "device" and not device_crops:
         raise DataError(f"data.decode=device decodes pretraining crops only; the {augment!r} augmentation "
                         "runs on the CPU (use data.decode=cpu or auto)")  # fmt: skip
     return mode
@@ -276,9 +277,12 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
     for TIFF / .npy samples (float32 bands, normalised in the worker). model.in_chans is checked against the
     first samples here (probe_channels), before anything trains or is written."""
     _check(in_chans, batch_size, rank, world_size)
-    transform = build_transform(cfg, augment, img_size, in_chans, uint8=augment != "finetune")
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    kind = AUGMENTATIONS[augment]
+    transform = build_transform(cfg, augment, img_size, in_chans, uint8=kind.uint8)
     decode = resolve_decode(cfg, source, augment)
-    draw = CropDraw(img_size, (float(cfg.scale_min), 1.0), bool(cfg.hflip)) if augment == "mae" else None
+    draw = CropDraw(img_size, (float(cfg.scale_min), 1.0), bool(cfg.hflip)) if kind.crops_on_device else None
     to_device = decode == "device"
     norm = norm_stats(cfg, in_chans)
     finish = Finisher(*norm, img_size, in_chans)
@@ -311,7 +315,7 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
         subset = label_subset(np.asarray(src.labels), float(cfg.label_fraction), SUBSET_SEED)
     num_samples = int(cfg.epoch_samples) or len(subset)
     steps = full_steps(num_samples, per_step, f"data source {source!r}")
-    drawn_on_device = isinstance(src, SyntheticSource) and augment == "mae"
+    drawn_on_device = isinstance(src, SyntheticSource) and kind.crops_on_device
     finish.synthetic_split = getattr(src, "split", 0)
 
     def make(epoch: int, start_step: int):
@@ -327,7 +331,12 @@ def build_train_loader(cfg, *, source: str, img_size: int, in_chans: int, batch_
 
 
 def _note_augment(cfg, augment: str, in_chans: int, kind: str) -> None:
-    if kind == "bands" and augment == "finetune" and str(cfg.auto_augment or "") and in_chans in (1, 3):
+    if (
+        kind == "bands"
+        and AUGMENTATIONS[augment].rgb_only
+        and str(cfg.auto_augment or "")
+        and in_chans in (1, 3)
+    ):
         log.warning("data.auto_augment=%s is not applied to TIFF / .npy samples (RandAugment is RGB-only); "
                     "they get crop, flip and random erasing", cfg.auto_augment)  # fmt: skip
 

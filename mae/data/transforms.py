@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,7 +15,26 @@ from .crop import SingleDrawRandomResizedCrop
 from .sources import DataError
 
 log = logging.getLogger("mae.data")
-AUGMENTS = ("mae", "finetune", "linprobe", "none")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What the loaders need to know of a named augmentation (its steps: `build_transform`)."""
+
+    crops_on_device: bool  # a random resized crop + flip that can be drawn and applied on the device
+    uint8: bool  # workers hand over uint8 crops, normalised on the device (no float op in the worker)
+    rgb_only: bool = False  # has ops defined for RGB only (RandAugment), which band samples skip
+
+
+# The augmentation recipes: the MAE paper's pretraining crop, the reference fine-tuning's (RandAugment,
+# random erasing), the reference linear probe's single-draw crop, and the evaluation transform.
+AUGMENTATIONS = {
+    "mae": Augmentation(crops_on_device=True, uint8=True),
+    "finetune": Augmentation(crops_on_device=False, uint8=False, rgb_only=True),
+    "linprobe": Augmentation(crops_on_device=False, uint8=True),
+    "none": Augmentation(crops_on_device=False, uint8=True),
+}
+AUGMENTS = tuple(AUGMENTATIONS)
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
