@@ -23,6 +23,23 @@ def train_loader(cfg: DictConfig, augment: str, rank: int, world_size: int):
                               world_size=world_size, **data_kw(cfg))  # fmt: skip
 
 
+def build_classifier(cfg: DictConfig, acc: Accelerator, augment: str, wrap=None):
+    """(training loader, number of classes, the ViT classifier, the model trained: `wrap(vit, num_classes)` or
+    the ViT itself). Every rank builds the same initial weights; the rank's own seeds come after."""
+    import torch
+
+    from mae.train.engine import seed_everything
+    from mae.weights.build import build_vit
+
+    loader = train_loader(cfg, augment, acc.process_index, acc.num_processes)
+    num_classes = num_classes_of(cfg, loader)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    vit = build_vit(cfg, num_classes)
+    model = wrap(vit, num_classes) if wrap is not None else vit
+    seed_everything(cfg.seed, acc.process_index)
+    return loader, num_classes, vit, model
+
+
 def num_classes_of(cfg: DictConfig, loader) -> int:
     n = cfg.model.num_classes or loader.num_classes
     if n < 1:

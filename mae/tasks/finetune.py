@@ -67,20 +67,13 @@ def train_loader(cfg: DictConfig, rank: int, world_size: int):
 
 
 def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
-    import torch
-
     from mae.train.checkpoint import best_keeper
-    from mae.train.engine import Task, seed_everything
+    from mae.train.engine import Task
     from mae.train.optim import vit_layer_decay_groups
-    from mae.weights.build import build_vit
     from mae.weights.load import load_init
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
-    loader = train_loader(cfg, acc.process_index, acc.num_processes)
-    num_classes = classify.num_classes_of(cfg, loader)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_vit(cfg, num_classes)
-    seed_everything(cfg.seed, acc.process_index)
+    loader, num_classes, _, model = classify.build_classifier(cfg, acc, AUGMENT)
     loss = classification_loss(cfg, num_classes)
     return Task(
         model=model.to(acc.device),

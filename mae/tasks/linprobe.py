@@ -25,35 +25,29 @@ def train_loader(cfg: DictConfig, rank: int, world_size: int):
 
 
 def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
-    import torch
     import torch.nn.functional as F
 
     from mae.models.probe import LinearProbe
     from mae.train.checkpoint import best_keeper
-    from mae.train.engine import Task, seed_everything
+    from mae.train.engine import Task
     from mae.train.optim import param_groups
-    from mae.weights.build import build_vit
     from mae.weights.load import load_init
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
-    loader = train_loader(cfg, acc.process_index, acc.num_processes)
-    num_classes = classify.num_classes_of(cfg, loader)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    vit = build_vit(cfg, num_classes)
-    model = LinearProbe(vit, num_classes)
-    seed_everything(cfg.seed, acc.process_index)
+    loader, _, vit, model = classify.build_classifier(cfg, acc, AUGMENT, wrap=LinearProbe)
 
-    def loss_fn(m, images, labels, step: int, micro: int) -> torch.Tensor:
+    def loss_fn(m, images, labels, step: int, micro: int):
         return F.cross_entropy(m(images).float(), labels, label_smoothing=cfg.train.smoothing)
+
+    def init_weights() -> None:
+        load_init(vit, cfg.model.init, log, keep_head=False)  # the probe brings its own head
 
     return Task(
         model=model.to(acc.device),
         groups=param_groups(model, cfg.train.weight_decay),
         loader=loader,
         loss_fn=loss_fn,
-        init_weights=lambda: load_init(
-            vit, cfg.model.init, log, keep_head=False
-        ),  # the probe has its own head
+        init_weights=init_weights,
         evaluate=classify.val_evaluator(cfg, acc),
         on_eval=best_keeper(cfg, acc, log),
     )
