@@ -515,3 +515,13 @@ def test_the_token_probe_labels_each_patch_by_its_commonest_class_and_separates_
     assert linear_probe(x[:400], y[:400], x[400:], y[400:]) > 90
     shuffled = y[torch.randperm(600, generator=g)]
     assert linear_probe(x[:400], shuffled[:400], x[400:], shuffled[400:]) < 45
+
+
+def test_a_shallow_encoder_reads_a_block_twice_for_the_pyramid():
+    """default_blocks(2) is [1, 1, 1, 2]: UPerNet gets four maps, block 1's three times."""
+    torch.manual_seed(0)
+    model = SegmentationViT(3, **{**TINY_SEG, "depth": 2}, channels=8).eval()
+    assert model.out_blocks == [1, 1, 1, 2]
+    maps = model.token_maps(torch.randn(1, 3, 32, 32))
+    assert len(maps) == 4 and torch.equal(maps[0], maps[2]) and not torch.equal(maps[0], maps[3])
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)

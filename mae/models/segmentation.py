@@ -199,8 +199,11 @@ class SegmentationViT(VisionTransformer):
     def token_maps(self, imgs: torch.Tensor) -> list[torch.Tensor]:
         """(N, C, H, W), H and W multiples of the patch size -> the patch tokens of `out_blocks` as maps
         (N, D, H/p, W/p). Another grid than the model's gets the position table resampled to it."""
-        indices = [b - 1 for b in self.out_blocks]
-        return self.forward_intermediates(imgs, indices, stop_early=True, intermediates_only=True)
+        # a shallow encoder reads one block twice (depth 2: blocks 1, 1, 1, 2); forward_intermediates gives
+        # each block once, as timm's
+        indices = sorted({b - 1 for b in self.out_blocks})
+        maps = self.forward_intermediates(imgs, indices, stop_early=True, intermediates_only=True)
+        return [maps[indices.index(b - 1)] for b in self.out_blocks]
 
     def forward(self, imgs: torch.Tensor):
         size = imgs.shape[2:]
