@@ -58,7 +58,8 @@ def figure(run: Path, out: Path, count: int) -> Path:
     import torch
 
     from mae.data.segmentation import pair_source
-    from mae.segment_predict import load_run, palette, predict
+    from mae.eval.figures import palette
+    from mae.infer.segment import load_run, predict
 
     model, cfg, _ = load_run(str(run), "best", torch.device("cpu"))
     src = pair_source("fashion-mnist-scenes:test", train=False, reduce_zero_label=False)
