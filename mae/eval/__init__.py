@@ -1,0 +1,1 @@
+"""Evaluation metrics: COCO detection and instance segmentation AP (coco.py)."""
