@@ -149,15 +149,20 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def print_config(cfg) -> int:
+def print_config(cfg, steps_per_epoch=None) -> int:
     """The resolved config plus the derived values of a launch on WORLD_SIZE processes. The steps need the
-    size of data.train: the loader's own count (manifest, folder listing, built-in size), no image is read."""
+    size of data.train: the loader's own count (manifest, folder listing, built-in size), no image is read;
+    `steps_per_epoch(cfg, world_size)` counts them for a task that reads other data."""
     from mae.build import model_overrides
     from mae.config import derive, to_yaml
     from mae.data import build_train_loader
 
     model_overrides(cfg)  # the model's own one-line errors (image vs patch size, channels)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if steps_per_epoch is not None:
+        if is_main_rank():
+            print(to_yaml(cfg, derive(cfg, world_size, steps_per_epoch(cfg, world_size))), end="")
+        return 0
     if cfg.task == "segment":  # image / mask pairs
         from mae.data.segmentation import SegTrainLoader, pair_source
 

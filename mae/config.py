@@ -22,7 +22,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # as CUDA graphs (on the CPU it compiles as default)
 CHOICES = {
     "train.compile": ("auto", "true", "false", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-    "train.schedule": ("cosine", "poly"),
+    "train.schedule": ("cosine", "poly", "step"),
     "train.eval_mode": ("whole", "slide"),
     "model.seg_head": ("upernet", "linear"),
 }
@@ -141,6 +141,11 @@ READS: dict[str, frozenset[str]] = {
         "data.cat_max_ratio", "data.photometric", "train.layer_decay", "train.eval_every", "train.eval_mode",
         "train.eval_stride", "train.freeze_encoder",
     )),
+    "detect": frozenset((*_SEGMENT_TASK,
+        "model.drop_path", "model.num_classes", "model.grad_checkpointing", "model.window_size", "model.fpn_channels",
+        "model.anchor_sizes", "model.proposals", "model.roi_samples", "model.detections", "data.ratio_range",
+        "train.layer_decay", "train.eval_every",
+    )),
 }  # fmt: skip
 # Keys only some data sources use: set with another source they get a note, not an error (a recipe sets them for
 # real data; `synthetic` batches are drawn on the device, uncropped, unflipped, without loader workers).
@@ -155,6 +160,8 @@ def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
         out.append(("train.betas", "train.optimizer=lars", "AdamW's"))
     if flat.get("model.seg_head") == "linear":
         out += [(k, "model.seg_head=linear", "UPerNet's") for k in ("model.seg_channels", "model.aux_weight")]
+    if flat["train.schedule"] == "step":
+        out.append(("train.min_lr", "train.schedule=step", "the cosine and poly schedules'"))
     if flat.get("train.eval_mode") == "whole":
         out.append(("train.eval_stride", "train.eval_mode=whole", "sliding-window evaluation's"))
     return out
@@ -192,7 +199,8 @@ def check_reads(task: str, explicit: dict[str, str], flat: dict[str, Any]) -> li
 
 
 def task_of_recipe(recipe: str | None) -> str:
-    """The entry point a recipe is written for, by its name: finetune_*, linprobe_*, segment_*, else pretrain."""
+    """The entry point a recipe is written for, by its name: finetune_*, linprobe_*, segment_*, detect_*, else
+    pretrain."""
     stem = Path(recipe).stem if recipe else ""
     return next((t for t in READS if t != "pretrain" and stem.startswith(t + "_")), "pretrain")
 
@@ -351,6 +359,9 @@ IDENTITY_KEYS = (
     "model.seg_head",
     "model.seg_blocks",
     "model.seg_channels",
+    "model.window_size",
+    "model.fpn_channels",
+    "model.anchor_sizes",
 )
 
 

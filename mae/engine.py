@@ -569,10 +569,20 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def run_entry(
-    task_name: str, argv: list[str] | None, build_task: Callable[[DictConfig, object], Task]
+    task_name: str,
+    argv: list[str] | None,
+    build_task: Callable[[DictConfig, object], Task],
+    *,
+    class_folders: bool = True,
+    steps_per_epoch: Callable[[DictConfig, int], int] | None = None,
 ) -> int:
     """The body of every entry point's `main`: config -> Accelerator -> task -> the loop. User errors (config,
-    data, command line) print one line and return 2; a run that cannot go on returns 1."""
+    data, command line) print one line and return 2; a run that cannot go on returns 1.
+
+    `class_folders`: data.val's classes are checked against data.train's as class folders and built-in sets name
+    them (mae.labelsets); a task whose data carry their own classes (annotation files) checks them itself.
+    `steps_per_epoch(cfg, world_size)`: what --print-config counts the steps with, for a task whose data the
+    classification loaders do not read."""
     from mae import cli
     from mae.config import load_config
     from mae.data import DataError
@@ -586,9 +596,10 @@ def run_entry(
             print(cli.usage(task_name, sys.modules[build_task.__module__].__doc__))
             return 0
         cfg = load_config(args, task=task_name, log=print if cli.is_main_rank() else None)
-        cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
+        if class_folders:
+            cfg = pair_train_val(cfg, args, log=print if cli.is_main_rank() else lambda *a: None)
         if "print-config" in flags:
-            return cli.print_config(cfg)
+            return cli.print_config(cfg, steps_per_epoch)
         acc = make_accelerator(cfg)  # installs the stop-signal handlers
         try:
             seed_everything(cfg.seed, acc.process_index)
