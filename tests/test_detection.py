@@ -527,7 +527,7 @@ def test_detect_refuses_keys_it_does_not_read_and_answers_help_and_print_config(
 def test_print_config_counts_the_steps_of_the_detection_data(capsys):
     assert detect_main(["recipe=detect_demo", "--print-config"]) == 0
     derived = capsys.readouterr().out.split("derived:")[1]
-    assert "steps_per_epoch: 250" in derived and "total_steps: 750" in derived  # 4,000 scenes / 16, 3 epochs
+    assert "steps_per_epoch: 200" in derived and "total_steps: 200" in derived  # 3,200 scenes / 16, 1 epoch
 
 
 @needs_fmnist
@@ -575,3 +575,28 @@ def test_detect_demo_trains_evaluates_keeps_the_best_resumes_and_predicts(tmp_pa
     assert predict_main([str(out), str(val), str(val / "inside")]) == 2  # outputs never go into the input
     assert predict_main([str(tmp_path / "nowhere"), str(val), str(tmp_path / "p2")]) == 2
     assert "inside INPUT" in capsys.readouterr().err
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_the_study_runs_its_protocol_on_tiny_budgets_resumes_and_states_a_verdict(tmp_path):
+    from experiments.detect_study import QUICK, main, run_name
+
+    out = tmp_path / "study"
+    assert main(["--quick", "--out", str(out)]) == 0
+    lrs = json.loads((out / "selection.json").read_text())
+    assert set(lrs) == set(QUICK.arms) and all(lr in QUICK.lrs for lr in lrs.values())
+    for budget in QUICK.order:  # every final run scored once on the test scenes
+        for arm in QUICK.arms:
+            for seed in QUICK.seeds:
+                test = json.loads(
+                    (out / "runs" / run_name(arm, budget, lrs[arm], seed) / "test.json").read_text()
+                )
+                assert test["images"] == QUICK.test and 0 <= test["box_ap"] <= 100
+    report = (out / "report.md").read_text()
+    assert report.count("| 1% (8) |") == 3 and any(
+        f"Verdict: **{w}**" in report for w in ("PASS", "FAIL", "INCONCLUSIVE")
+    )
+    stamp = (out / "runs" / run_name("mae", "1%", lrs["mae"], 0) / "test.json").stat().st_mtime
+    assert main(["--quick", "--out", str(out)]) == 0  # re-running trains and scores nothing again
+    assert (out / "runs" / run_name("mae", "1%", lrs["mae"], 0) / "test.json").stat().st_mtime == stamp
