@@ -5,8 +5,7 @@ with window attention (ViTDet) against global attention in every block.
     python benchmarks/detect_bench.py --only demo --steps 10
     python benchmarks/detect_bench.py --only vit_b --vit-size 1024 --batches 1,2 --device cuda --json out.json
 
-Each configuration runs in its own process (a CPU process's peak resident memory only grows, so one process per
-measurement), which builds the model, makes `--warmup` training steps (forward, backward, AdamW) and times
+Each configuration (on the CPU in a process of its own: a process's peak resident memory only grows) builds the model, makes `--warmup` training steps (forward, backward, AdamW) and times
 `--steps` more: img/s over those, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set).
 ViT-B's memory per image is the difference of the peaks at the two batch sizes of `--batches`. The demo reads
 fashion-mnist-instances through the demo recipe's loader; ViT-B gets random images with 8 random rectangles each.
@@ -107,6 +106,16 @@ def measure(spec: dict) -> dict:
 
 
 def run_one(spec: dict) -> dict:
+    """One configuration: in this process on CUDA (its peak is reset), in a fresh one on the CPU (a process's
+    peak resident memory never goes down)."""
+    if spec["device"].startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+        try:
+            return measure(spec)
+        except torch.cuda.OutOfMemoryError as e:
+            return {**spec, "error": f"out of memory: {str(e).splitlines()[0][:120]}"}
     r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
     if r.returncode:
         return {**spec, "error": (r.stderr.strip().splitlines() or ["exit " + str(r.returncode)])[-1]}
