@@ -138,6 +138,8 @@ def train(out: Path, p: Protocol, data: dict, init: dict, arm: str, budget: str,
                 f.write(text.getvalue())
         if rc != 0:
             raise SystemExit(f"{run.name} exited {rc}; see {run / 'train.log'}")
+        if not _final_row(run, p.steps):  # stopped by a signal after a checkpoint
+            raise SystemExit(f"{run.name} stopped before its last step; re-run the same command to resume")
     return _final_row(run, p.steps)
 
 
@@ -178,8 +180,14 @@ def test_scores(run: Path, test: Path) -> dict:
     results, ids, _ = detect_results(model, loader, src, src.categories, torch.device("cpu"), autocast)
     scores = coco_ap(src.coco(), results, ids)
     scores = {k: v for k, v in scores.items() if k != "summary"}
-    f.write_text(json.dumps({"weights": str(weights), **scores}, indent=1))
+    _write(f, {"weights": str(weights), **scores})
     return scores
+
+
+def _write(path: Path, obj) -> None:
+    """JSON written whole or not at all (a study stopped mid-write resumes cleanly)."""
+    path.with_suffix(".tmp").write_text(json.dumps(obj, indent=1))
+    path.with_suffix(".tmp").replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +214,7 @@ def pilot(out: Path, p: Protocol, data: dict, init: dict) -> Protocol:
     rows = [json.loads(line) for line in (out / "runs" / "pilot" / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["box_ap"]) for r in rows if "box_ap" in r]
     steps = next(s for i, (s, ap) in enumerate(curve) if all(a - ap < LEVELLED for _, a in curve[i + 1 :]))
-    (out / "pilot.json").write_text(json.dumps({"curve": curve, "steps": steps}, indent=1))
+    _write(out / "pilot.json", {"curve": curve, "steps": steps})
     log(f"pilot (scratch, {p.select_budget}): validation box AP {', '.join(f'{s}: {a:.2f}' for s, a in curve)}; "
         f"every run takes {steps} steps")  # fmt: skip
     return replace(p, steps=steps)
@@ -220,7 +228,7 @@ def select(out: Path, p: Protocol, data: dict, init: dict) -> dict[str, float]:
         chosen[arm] = max(p.lrs, key=lambda lr: (val[lr], -lr))
         log(f"{arm}: validation box AP {', '.join(f'lr {lr:g} {v:.2f}' for lr, v in val.items())}: "
             f"lr {chosen[arm]:g}")  # fmt: skip
-    (out / "selection.json").write_text(json.dumps(chosen, indent=1))
+    _write(out / "selection.json", chosen)
     return chosen
 
 
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--control", default="", help="the positive control (a fine-tuning run); default: made")
     ap.add_argument("--report", action="store_true", help="only the table and verdict of what has finished")
+    ap.add_argument("--until", choices=("pilot", "selection", "all"), default="all",
+                    help="stop after this stage (the pilot: to time one run and size the study)")  # fmt: skip
     args = ap.parse_args(argv)
     p = QUICK if args.quick else FULL
     out = args.out or ROOT / "runs" / ("detect_study_quick" if args.quick else "detect_study")
@@ -312,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init = encoders(out, p, args.mae, args.control)
         p = pilot(out, p, data, init)
+        if args.until == "pilot":
+            return 0
         lrs = select(out, p, data, init)
+        if args.until == "selection":
+            return 0
         scores = finals(out, p, data, init, lrs)
     text = report(scores, {k: float(v) for k, v in lrs.items()}, p)
     (out / "report.md").write_text(text + "\n")

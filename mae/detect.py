@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 
 from mae.build import build_detector  # noqa: E402
 from mae.config import ConfigError  # noqa: E402
+from mae.data import DataError  # noqa: E402
 from mae.data.detection import (  # noqa: E402
     CATEGORIES,
     DetEvalLoader,
@@ -89,6 +90,10 @@ def det_evaluator(cfg: DictConfig, acc: Accelerator, train_src, log=print):
     m, d = cfg.model, cfg.data
     src = det_source(d.val, train=False, fmnist_dir=d.fmnist_dir, log_fn=log)
     check_categories(train_src, src, d.val)
+    if not src.objects:
+        raise DataError(
+            f"data.val={d.val!r}: its images hold no annotated object to score detections against"
+        )
     loader = DetEvalLoader(
         src, det_transform(d, m.img_size, m.in_chans, train=False), in_chans=m.in_chans,
         batch_size=cfg.train.batch_size, rank=acc.process_index, world_size=acc.num_processes,

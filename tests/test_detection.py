@@ -350,6 +350,18 @@ def test_a_file_that_is_not_coco_instances_is_one_line_naming_file_and_record(
     assert "\n" not in err and str(path) in err and not out.exists()
 
 
+def test_a_validation_set_without_objects_is_one_line_exit_2(tmp_path, capsys):
+    train = write_coco(tmp_path / "train", "dir", clean=True)
+    val = write_coco(tmp_path / "val", "dir", clean=True)
+    data = json.loads((val / "annotations.json").read_text())
+    (val / "annotations.json").write_text(json.dumps({**data, "annotations": []}))
+    args = tiny_args(tmp_path / "run", **{"data.train": str(train), "data.val": str(val), "model.in_chans": "3",
+                                          "data.mean": "[0.5]", "data.std": "[0.25]", "model.img_size": "64"})  # fmt: skip
+    assert detect_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no annotated object to score" in err and str(val) in err
+
+
 def test_unreadable_images_are_skipped_and_counted_and_no_usable_image_is_an_error(tmp_path):
     path = write_coco(tmp_path, "dir")
     (tmp_path / "images" / "2.png").write_bytes(b"not a png")
@@ -600,3 +612,43 @@ def test_the_study_runs_its_protocol_on_tiny_budgets_resumes_and_states_a_verdic
     stamp = (out / "runs" / run_name("mae", "1%", lrs["mae"], 0) / "test.json").stat().st_mtime
     assert main(["--quick", "--out", str(out)]) == 0  # re-running trains and scores nothing again
     assert (out / "runs" / run_name("mae", "1%", lrs["mae"], 0) / "test.json").stat().st_mtime == stamp
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_two_processes_score_every_image_once_as_one_process_does(tmp_path):
+    """2 gloo processes train and evaluate on an odd number of images; rank 0 scores the gathered results of both,
+    and the logged AP equal one process evaluating the same final weights."""
+    import os
+    import subprocess
+    import sys
+
+    from accelerate import Accelerator
+    from conftest import TWO_CPU_PROCESSES
+    from safetensors.torch import load_file
+
+    from experiments.detect_demo import write_scenes
+    from mae.build import build_detector
+    from mae.detect import det_evaluator
+
+    write_scenes(tmp_path / "val", 5, "test")
+    out = tmp_path / "run"
+    args = tiny_args(
+        out, **{"data.val": str(tmp_path / "val"), "train.max_steps": "2", "train.batch_size": "2"}
+    )
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, *TWO_CPU_PROCESSES, "mae/detect.py", *args], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    logged = [x for x in rows(out) if "box_ap" in x][-1]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["images"] == 5 and report["bad_images"] == 0
+    cfg = load_config(args, task="detect")
+    model = build_detector(cfg, 10)
+    model.load_state_dict(load_file(str(out / "checkpoint-last" / "model.safetensors")))
+    train_src = det_source(cfg.data.train, train=True)
+    single = det_evaluator(cfg, Accelerator(cpu=True), train_src, log=lambda *a: None)(model, 2)
+    assert json.loads((out / "eval.json").read_text())["detections"] == report["detections"]
+    for k in ("box_ap", "box_ap50", "box_ap75", "mask_ap"):
+        assert single[k] == pytest.approx(logged[k], abs=1e-4), k

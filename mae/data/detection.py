@@ -236,6 +236,7 @@ class CocoSource:
                 f"detection data {source!r}: none of its {len(data['images'])} images is in {self.image_dir}"
             )
         self.records, self.missing = Packed(records), len(missing)
+        self.objects = sum(len(r[5]) for r in records)  # annotated objects (not crowd) of the images kept
         self.image_ids = np.array([r[2] for r in records], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -300,6 +301,10 @@ class SceneInstances:
     @property
     def image_ids(self) -> np.ndarray:
         return np.arange(1, len(self) + 1, dtype=np.int64)
+
+    @property
+    def objects(self) -> int:
+        return len(self)  # at least one per scene: the garment drawn last lies on top of the others
 
     def name(self, i: int) -> str:
         return f"{INSTANCES}:{self.scenes.split}#{i}"
