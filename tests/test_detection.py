@@ -500,6 +500,27 @@ def test_results_round_trip_through_coco_loadres(tmp_path):
 # ------------------------------------------------------------------------------------------------ the command
 
 
+def test_prediction_inputs_name_their_outputs_apart_and_outputs_stay_out_of_the_input(tmp_path, capsys):
+    from mae.detect_predict import Inputs, check_out_dir
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.png", "a.jpg", "b.png", "sub/a.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / name)
+    inputs = Inputs(str(folder))
+    assert sorted(inputs.stems()) == ["a.jpg", "a.png", "b", "sub/a"]  # never two outputs to one name
+    with pytest.raises(ConfigError, match="inside INPUT"):
+        check_out_dir(folder / "sub" / "out", inputs, str(folder))
+    with pytest.raises(ConfigError, match="is INPUT"):
+        check_out_dir(folder, inputs, str(folder))
+    check_out_dir(tmp_path / "out", inputs, str(folder))
+    fake = tmp_path / "seg_run"
+    fake.mkdir()
+    (fake / "config.yaml").write_text("task: segment\n")
+    assert predict_main([str(fake), str(folder), str(tmp_path / "out")]) == 2
+    assert "a 'segment' run, not a detect run" in capsys.readouterr().err
+
+
 def tiny_args(out, **extra) -> list[str]:
     args = {
         "recipe": "detect_demo",
