@@ -99,14 +99,25 @@ def encoders(out: Path, p: Protocol, mae: str, control: str) -> dict[str, str]:
 
     if not mae:
         mae = str(out / "encoders" / "demo")
-        if pretrain(["recipe=demo", f"output_dir={mae}", *p.encoder_overrides]) != 0:
-            raise SystemExit("pretraining the MAE encoder failed")
+        if pretrain(["recipe=demo", f"output_dir={mae}", *p.encoder_overrides]) != 0 or not _finished(mae):
+            raise SystemExit("pretraining the MAE encoder failed or was stopped; re-run to resume")
     if not control:
         control = str(out / "encoders" / "finetune_demo")
-        if finetune(["recipe=finetune_demo", f"model.init={mae}", f"output_dir={control}",
-                     *[o for o in p.encoder_overrides if not o.startswith(("log.knn", "log.viz"))]]) != 0:  # fmt: skip
-            raise SystemExit("fine-tuning the positive control failed")
+        args = [o for o in p.encoder_overrides if not o.startswith(("log.knn", "log.viz"))]
+        if finetune(
+            ["recipe=finetune_demo", f"model.init={mae}", f"output_dir={control}", *args]
+        ) != 0 or not _finished(control):
+            raise SystemExit("fine-tuning the positive control failed or was stopped; re-run to resume")
     return {"mae": mae, "scratch": "", "control": control}
+
+
+def _finished(run: str) -> bool:
+    """Whether a run reached its last step (a stop signal ends a run with status 0 after a checkpoint)."""
+    import yaml
+
+    total = yaml.safe_load((Path(run) / "config.yaml").read_text())["derived"]["total_steps"]
+    rows = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return bool(rows) and json.loads(rows[-1])["step"] == total
 
 
 # ----------------------------------------------------------------------------------------------------------
