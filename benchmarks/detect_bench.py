@@ -4,10 +4,14 @@ with window attention (ViTDet) against global attention in every block.
     python benchmarks/detect_bench.py                          # both, on the CPU (ViT-B: minutes per configuration)
     python benchmarks/detect_bench.py --only demo --steps 10
     python benchmarks/detect_bench.py --only vit_b --vit-size 1024 --batches 1,2 --device cuda --json out.json
+    python benchmarks/detect_bench.py --only block --block-size 1024   # one ViT-B block, window against global
 
 Each configuration (on the CPU in a process of its own: a process's peak resident memory only grows) builds the model, makes `--warmup` training steps (forward, backward, AdamW) and times
 `--steps` more: img/s over those, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set).
-ViT-B's memory per image is the difference of the peaks at the two batch sizes of `--batches`. The demo reads
+ViT-B's memory per image is the difference of the peaks at the two batch sizes of `--batches`; `block` measures one
+ViT-B block alone (window 14 or global, forward and backward) on the patch grid of `--block-size`, which shows the
+difference on a machine that the whole model at 1024 px with global attention in all 12 blocks does not fit. The
+demo reads
 fashion-mnist-instances through the demo recipe's loader; ViT-B gets random images with 8 random rectangles each.
 Precision as the run would take it (train.precision=auto: bf16 where the hardware has it). Prints one line per
 configuration and a summary; nothing is asserted.
@@ -65,9 +69,41 @@ def random_batch(batch: int, size: int, chans: int, objects: int = 8):
     return torch.randn(batch, chans, size, size, generator=g), Targets(targets, [(size, size)] * batch, size)
 
 
+def measure_block(spec: dict) -> dict:
+    """One ViT-B block on the patch grid of a `size` px image (64 x 64 at 1024), window 14 or global: forward and
+    backward of `batch` images, timed once after a warm-up; its peak memory."""
+    import torch
+
+    from mae.models.detection import ViTDetBlock
+    from mae.runtime import peak_mem_gb
+
+    device, grid, window = torch.device(spec["device"]), spec["size"] // 16, spec["window"]
+    blk = ViTDetBlock(768, 12, window, (window, window) if window else (grid, grid)).to(device)
+    x = torch.randn(spec["batch"], grid, grid, 768, device=device, requires_grad=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"], torch.float32)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = blk(x)
+        y.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return {
+        **spec,
+        "img_per_s": spec["batch"] / times[-1],
+        "step_s": times[-1],
+        "peak_gb": peak_mem_gb(device),
+    }
+
+
 def measure(spec: dict) -> dict:
     """One configuration, in this process: warm-up steps, then timed ones."""
     import torch
+
+    if spec["data"] == "block":
+        return measure_block(spec)
 
     from mae.build import build_detector
     from mae.config import load_config
@@ -134,6 +170,11 @@ def configurations(args) -> list[dict]:
     if args.only in ("all", "demo"):
         specs.append({**base, "name": "demo", "data": "demo",
                       "overrides": ["recipe=detect_demo", "data.num_workers=0", *args.demo_overrides]})  # fmt: skip
+    if args.only in ("all", "block"):
+        for window, label in ((14, "window 14"), (0, "global")):
+            for b in args.batches:
+                specs.append({**base, "name": f"block {label}", "data": "block", "batch": b, "window": window,
+                              "size": args.block_size})  # fmt: skip
     if args.only in ("all", "vit_b"):
         vit = ["recipe=detect_coco_vit_base", f"model.img_size={args.vit_size}", *args.vit_overrides]
         for window, label in ((14, "window 14"), (0, "global")):
@@ -145,28 +186,33 @@ def configurations(args) -> list[dict]:
 
 
 def summary(results: list[dict]) -> list[str]:
-    """Memory per image of each ViT-B attention: the difference of the peaks at the two batch sizes."""
+    """Memory per image of each attention: the difference of the peaks at the two batch sizes."""
     lines = []
-    for label in ("window 14", "global"):
-        rows = sorted(
-            (r for r in results if r["name"] == f"vit_b {label}" and "peak_gb" in r), key=lambda r: r["batch"]
-        )
-        if len(rows) >= 2:
-            a, b = rows[0], rows[-1]
-            per = (b["peak_gb"] - a["peak_gb"]) / (b["batch"] - a["batch"])
-            lines.append(f"ViT-B {label}: {per:.2f} GB per image (peak {a['peak_gb']:.2f} GB at batch {a['batch']}, "
-                         f"{b['peak_gb']:.2f} GB at batch {b['batch']})")  # fmt: skip
+    for what in ("block", "vit_b"):
+        for label in ("window 14", "global"):
+            rows = sorted((r for r in results if r["name"] == f"{what} {label}" and "peak_gb" in r),
+                          key=lambda r: r["batch"])  # fmt: skip
+            if len(rows) >= 2:
+                a, b = rows[0], rows[-1]
+                per = (b["peak_gb"] - a["peak_gb"]) / (b["batch"] - a["batch"])
+                size = a["size"] if what == "block" else a["overrides"][1].split("=")[1]
+                name = "one ViT-B block" if what == "block" else "ViT-B Mask R-CNN step"
+                lines.append(f"{name} at {size} px, {label}: {per:.2f} GB per image (peak {a['peak_gb']:.2f} GB at "
+                             f"batch {a['batch']}, {b['peak_gb']:.2f} GB at batch {b['batch']})")  # fmt: skip
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("all", "demo", "vit_b"), default="all")
+    p.add_argument("--only", choices=("all", "demo", "block", "vit_b"), default="all")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="", help="bf16 or fp32 (default: what train.precision=auto takes)")
     p.add_argument("--steps", type=int, default=10, help="timed demo steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vit-size", type=int, default=1024)
+    p.add_argument(
+        "--block-size", type=int, default=1024, help="the image size whose patch grid one block sees"
+    )
     p.add_argument("--vit-steps", type=int, default=1)
     p.add_argument("--vit-warmup", type=int, default=1)
     p.add_argument("--batches", default="1,2", help="ViT-B batch sizes (memory per image: their difference)")
@@ -188,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in configurations(args):
         r = run_one(spec)
         results.append(r)
-        what = f"{r['name']}" + (f" batch {r['batch']}" if "batch" in r else "")
+        what = (
+            r["name"]
+            + (f" {r['size']} px" if "size" in r else "")
+            + (f" batch {r['batch']}" if "batch" in r else "")
+        )
         if "error" in r:
             print(f"{what}: error: {r['error']}")
         else:
