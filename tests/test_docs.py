@@ -170,7 +170,7 @@ RUN = {
     "python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png":
         "python experiments/detect_demo.py figure runs/detect_demo figure.png --count 2",  # not over the committed one
     "python benchmarks/detect_bench.py":
-        "{doc} --steps 1 --warmup 1 --vit-size 64 --vit-overrides model.embed_dim=64 model.num_heads=2 model.depth=4 "
+        "{doc} --steps 1 --warmup 1 --vit-size 64 --block-size 64 --vit-overrides model.embed_dim=64 model.num_heads=2 model.depth=4 "
         "model.fpn_channels=16",
     # docs/transfer.md: embeddings
     "mae-embed runs/demo fashion-mnist out/demo_monitor --max-samples 5000 --knn fashion-mnist:test --knn-max-samples 1000":
