@@ -28,6 +28,9 @@
 #             (pyproject's [xformers] extra: torch 2.10.0 + xformers 0.0.35) from wheels/xformers-pair/, when
 #             carried; else null with the reason
 #   segment   segment: 25. mae/segment.py recipe=segment_demo, when the checkout has it
+#   detect    detect: 35. mae/detect.py recipe=detect_demo (training steps, no evaluation), then
+#             benchmarks/detect_bench.py: ViT-B/16 Mask R-CNN at 1024 px, window against global attention, batch 1
+#             and 2 (memory per image), when the checkout has them
 #   embed     embed: 15. python -m mae.embed on the loop's ViT-B run and 4,096 of its JPEGs, when the checkout
 #             has it
 #   tune      not by default (minutes of autotuning): ViT-L/16 with max-autotune-no-cudagraphs and max-autotune
@@ -51,12 +54,12 @@ WORK=$(mktemp -d) # raw reports and runs; the results file, the summary and the 
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 DATE=$(date -u +%F) STARTED=$(date -u +%FT%TZ)
 BUDGET=${BUDGET:-540} SCALE=1
-ALL_SECTIONS=env,attn,step,loop,batch,ref,xformers,segment,embed
+ALL_SECTIONS=env,attn,step,loop,batch,ref,xformers,segment,detect,embed
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-declare -A LIMIT=([env]=15 [attn]=10 [step:vit_l]=135 [step:vit_b]=75 [loop]=135 [batch]=40 [ref:vit_b]=20
-    [ref:vit_l]=25 [xformers:device]=15 [xformers:pair]=25 [segment]=25 [embed]=15 [tune]=300)
+declare -A LIMIT=([env]=15 [attn]=10 [step:vit_l]=135 [step:vit_b]=70 [loop]=120 [batch]=30 [ref:vit_b]=20
+    [ref:vit_l]=25 [xformers:device]=15 [xformers:pair]=25 [segment]=25 [detect]=35 [embed]=15 [tune]=300)
 IFS=, read -ra overrides <<< "${LIMITS:-}"
 for kv in "${overrides[@]}"; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
@@ -94,6 +97,9 @@ if [ "$DRY" = 1 ]; then
     REF=(--steps 1 --warmup 1 --rounds 1 --dtype fp32)
     XF=(--size tiny --img-size 32 --batch 2 --dtype fp32 --steps 1 --warmup 1 --device cpu)
     TUNE_COMPILE=off SEG=(train.max_steps=4 log.every_steps=2) EMBED_IMAGES=16
+    DET=(train.max_steps=4 log.every_steps=2 train.batch_size=4 data.num_workers=0)
+    DET_BENCH=(--device cpu --vit-size 64 --vit-overrides model.embed_dim=64 model.num_heads=2 model.depth=4
+        model.fpn_channels=16)
 else
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')" || exit 1
     DEV=(--device cuda) DTYPE=bf16
@@ -108,6 +114,7 @@ else
     REF=(--steps 10 --warmup 3 --rounds 1 --dtype bf16)
     XF=(--size base --batch 64 --dtype bf16 --steps 10 --warmup 3 --device cuda)
     TUNE_COMPILE=max-autotune-no-cudagraphs,max-autotune SEG=(train.max_steps=200 log.every_steps=40)
+    DET=(train.max_steps=200 log.every_steps=40) DET_BENCH=(--device cuda)
     EMBED_IMAGES=4096
 fi
 NOMINAL=()
@@ -213,6 +220,15 @@ if [ -f mae/segment.py ]; then
     section segment "$PY" mae/segment.py recipe=segment_demo "${SEG_ARGS[@]}"
 else
     note segment "mae/segment.py is not in this checkout"
+fi
+if [ -f mae/detect.py ] && [ -f benchmarks/detect_bench.py ]; then
+    mapfile -t DET_ARGS < <(read_keys mae/detect.py "output_dir=$WORK/detect_demo" "${DET[@]}" data.val= log.wandb=disabled \
+        log.progress=false checkpoint.every_steps=1000000 ${FMNIST:+"data.fmnist_dir=$FMNIST"})
+    section detect bash -c '"$PY" mae/detect.py recipe=detect_demo "${@:3:$2}" && "$PY" benchmarks/detect_bench.py \
+        --only vit_b --json "$1"/detect_vit_b.json "${@:$((3 + $2))}"' _ "$WORK" "${#DET_ARGS[@]}" "${DET_ARGS[@]}" \
+        "${DET_BENCH[@]}"
+else
+    note detect "mae/detect.py is not in this checkout"
 fi
 if [ -f mae/embed.py ]; then
     section embed "$PY" - <<'PY'

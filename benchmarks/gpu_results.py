@@ -31,6 +31,8 @@ KEYS = (
     "reference_vit_large_img_s",
     "batch_sweep",
     "segment_demo_img_s",
+    "detect_demo_img_s",
+    "detect_vit_base_1024",
     "embed_vit_base_img_s",
 )
 KEEP_RATIO = 1.02  # a lever is kept when `after` is at least 2% faster than `before`: beyond one run's noise
@@ -311,6 +313,11 @@ def build(work: Path, meta: dict) -> dict:
     seg = windows(work / "segment_demo")
     put("segment_demo_img_s", statistics.median(r["img_per_s"] for r in seg) if seg else None,
         why("segment", "mae/segment.py logged no img_per_s window"))  # fmt: skip
+    det = windows(work / "detect_demo")
+    put("detect_demo_img_s", statistics.median(r["img_per_s"] for r in det) if det else None,
+        why("detect", "mae/detect.py logged no img_per_s window"))  # fmt: skip
+    put("detect_vit_base_1024", detect_vit_b(_json(work / "detect_vit_b.json")),
+        why("detect", "benchmarks/detect_bench.py wrote no result"))  # fmt: skip
     emb = _json(work / "embed.json")
     ok = emb and emb.get("exit") == 0 and emb.get("seconds", 0) > 0
     put("embed_vit_base_img_s", emb["images"] / emb["seconds"] if ok else None,
@@ -319,6 +326,23 @@ def build(work: Path, meta: dict) -> dict:
         res["embed_vit_base"] = emb
     res["reasons"] = reasons
     return res
+
+
+def detect_vit_b(report: dict | None) -> dict | None:
+    """ViT-B/16 Mask R-CNN, window 14 against global attention: img/s and peak GB per batch, GB per image (the
+    difference of the peaks at the two batches); None when no configuration ran."""
+    if not report:
+        return None
+    out = {}
+    for attn in ("window 14", "global"):
+        rows = sorted((r for r in report["results"] if r["name"] == f"vit_b {attn}" and "peak_gb" in r),
+                      key=lambda r: r["batch"])  # fmt: skip
+        if rows:
+            per = ((rows[-1]["peak_gb"] - rows[0]["peak_gb"]) / (rows[-1]["batch"] - rows[0]["batch"])
+                   if len(rows) > 1 else None)  # fmt: skip
+            out[attn.split()[0]] = {"img_s": rows[-1]["img_per_s"], "batch": rows[-1]["batch"],
+                                    "peak_gb": rows[-1]["peak_gb"], "gb_per_image": per}  # fmt: skip
+    return out or None
 
 
 def missing_keys(res: dict) -> list[str]:
@@ -395,9 +419,16 @@ def render(res: dict, name: str) -> list[str]:
             "xformers (does not import)" if xd.get("xformers", "?") == "?" else f"xformers {xd['xformers']}"
         )
         lines.append(f"| {which} on the machine's torch {xd.get('torch', '?')} | {_xformers_cells(xd)}")
+    for attn, r in (res.get("detect_vit_base_1024") or {}).items():
+        per = "" if r["gb_per_image"] is None else f"; {r['gb_per_image']:.2f} GB per image"
+        lines.append(f"| Mask R-CNN ViT-B/16 1024 px, {attn} attention | {_n(r['img_s'], 1)} | batch {r['batch']}, "
+                     f"peak {r['peak_gb']:.1f} GB{per} |")  # fmt: skip
+    if res.get("detect_vit_base_1024") is None:
+        lines.append(f"| Mask R-CNN ViT-B/16 1024 px | {na('detect_vit_base_1024')} | |")
     for key, label in (("segment_demo_img_s", "mae/segment.py recipe=segment_demo"),
+                       ("detect_demo_img_s", "mae/detect.py recipe=detect_demo"),
                        ("embed_vit_base_img_s", "python -m mae.embed, ViT-B/16")):  # fmt: skip
-        v = res[key]
+        v = res.get(key)
         lines.append(f"| {label} | {na(key) if v is None else _n(v)} | "
                      f"{'wall time, start-up included' if key.startswith('embed') and v is not None else ''} |")  # fmt: skip
     lines += ["", f"Levers (img/s before -> after, kept when at least {KEEP_RATIO - 1:.0%} faster):", "",

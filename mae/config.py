@@ -23,7 +23,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # as CUDA graphs (on the CPU it compiles as default)
 CHOICES = {
     "train.compile": ("auto", "true", "false", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-    "train.schedule": ("cosine", "poly"),
+    "train.schedule": ("cosine", "poly", "step"),
     "train.eval_mode": ("whole", "slide"),
     "model.seg_head": ("upernet", "linear"),
 }
@@ -133,6 +133,8 @@ def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
         out.append(("train.betas", "train.optimizer=lars", "AdamW's"))
     if flat.get("model.seg_head") == "linear":
         out += [(k, "model.seg_head=linear", "UPerNet's") for k in ("model.seg_channels", "model.aux_weight")]
+    if flat["train.schedule"] == "step":
+        out.append(("train.min_lr", "train.schedule=step", "the cosine and poly schedules'"))
     if flat.get("train.eval_mode") == "whole":
         out.append(("train.eval_stride", "train.eval_mode=whole", "sliding-window evaluation's"))
     return out
@@ -334,6 +336,9 @@ IDENTITY_KEYS = (
     "model.seg_head",
     "model.seg_blocks",
     "model.seg_channels",
+    "model.window_size",
+    "model.fpn_channels",
+    "model.anchor_sizes",
 )
 
 

@@ -11,17 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "mae"
-COMMANDS = {
-    "pretrain",
-    "finetune",
-    "linprobe",
-    "segment",
-    "segment_predict",
-    "embed",
-    "export",
-    "viz",
-    "bench",
-}
+# the commands: every mae module behind a console script of pyproject.toml (`mae-x = "mae.x:cli"`)
+COMMANDS = set(re.findall(r'^[\w-]+ = "mae\.(\w+):cli"', (ROOT / "pyproject.toml").read_text(), re.M))
 
 
 def _modules() -> dict[str, Path]:
@@ -83,7 +74,7 @@ def test_no_import_cycles():
 
 def test_no_module_imports_a_command_and_commands_stay_flat_and_few():
     commands = {f"mae.{c}" for c in COMMANDS}
-    assert commands <= set(MODULES)
+    assert commands >= {"mae.pretrain", "mae.segment", "mae.embed"} and commands <= set(MODULES)
     assert [(m, n) for m in MODULES for n in GRAPH[m] if n in commands] == []
     flat = {p.stem for p in PKG.glob("*.py") if p.stem != "__init__" and p.stem not in COMMANDS}
     assert len(flat) <= 4, flat  # config, cli and a couple more; the machinery lives in folders

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mae import finetune, linprobe, pretrain, segment
+from mae import detect, finetune, linprobe, pretrain, segment
 from mae.cli import key_docs
 from mae.config import RECIPES_DIR
 
@@ -19,6 +19,7 @@ MAINS = {
     "finetune": finetune.main,
     "linprobe": linprobe.main,
     "segment": segment.main,
+    "detect": detect.main,
 }
 
 
@@ -44,14 +45,14 @@ def test_help_of_the_script_answers_without_importing_torch(flag):
     assert str(RECIPES_DIR / "base.yaml") in out and "--print-config" in out
 
 
-@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment"])
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment", "detect"])
 def test_help_of_every_entry_point_lists_its_own_recipes(task, capsys):
     assert MAINS[task](["--help"]) == 0
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.split("recipes:\n")[1].split("\n\n")[0].splitlines()]
     stems = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
     if task == "pretrain":
-        expected = [n for n in stems if not n.startswith(("finetune_", "linprobe_", "segment_"))]
+        expected = [n for n in stems if not n.startswith(("finetune_", "linprobe_", "segment_", "detect_"))]
     else:
         expected = [n for n in stems if n.startswith(task + "_")]
     assert listed == expected and all(first_comment(n)[:40] in out for n in expected)

@@ -45,6 +45,10 @@ VIT = (
 )
 # the segmentation demo: 2 steps of 8 scenes, no evaluation (tests/test_segment.py evaluates)
 SEGMENT = "train.max_steps=2 train.batch_size=8 data.epoch_samples=16 log.every_steps=1 data.num_workers=0 data.val="
+# the detection demo: 2 steps of 4 scenes, no evaluation (tests/test_detection.py evaluates)
+DETECT = (
+    "train.max_steps=2 train.batch_size=4 data.epoch_samples=8 log.every_steps=1 data.num_workers=0 data.val="
+)
 BENCH = "--img-size 32 --batch 2 --steps 1 --warmup 1 --rounds 1 --matmul-size 128"
 BENCH_MODEL = f"--model mae_vit_tiny_patch16 {BENCH}"  # ViT-B's init alone takes seconds per configuration
 
@@ -156,6 +160,18 @@ RUN = {
     "python experiments/segment_demo.py tokens runs/demo runs/demo5 runs/demo_scenes random": "{doc} --train 16 --test 8",
     "python experiments/segment_demo.py figure runs/segment_demo docs/segment_demo.png":
         "python experiments/segment_demo.py figure runs/segment_demo figure.png",  # not over the committed one
+    # README.md and docs/detection.md: the detection demo
+    "python mae/detect.py recipe=detect_demo model.init=runs/demo": f"{{doc}} {DETECT}",
+    "python experiments/detect_demo.py scenes scenes/ --count 8": "{doc}",
+    "mae-detect-predict runs/detect_demo scenes predictions/": "{doc}",
+    "python mae/detect.py recipe=detect_demo model.init=runs/demo output_dir=runs/detect_demo": f"{{doc}} {DETECT}",
+    "python mae/detect.py recipe=detect_demo output_dir=runs/detect_demo_scratch": f"{{doc}} {DETECT}",
+    "python experiments/detect_demo.py report runs": "{doc}",
+    "python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png":
+        "python experiments/detect_demo.py figure runs/detect_demo figure.png --count 2",  # not over the committed one
+    "python benchmarks/detect_bench.py":
+        "{doc} --steps 1 --warmup 1 --vit-size 64 --block-size 64 --vit-overrides model.embed_dim=64 model.num_heads=2 model.depth=4 "
+        "model.fpn_channels=16",
     # docs/transfer.md: embeddings
     "mae-embed runs/demo fashion-mnist out/demo_monitor --max-samples 5000 --knn fashion-mnist:test --knn-max-samples 1000":
         "{doc} --max-samples 300 --knn-max-samples 100",
@@ -183,6 +199,8 @@ NOT_RUN = {
         PLACEHOLDERS,
     "accelerate launch --multi_gpu --num_processes 8 mae/segment.py recipe=segment_ade20k_vit_base model.init=runs/vit_base data.train=/data/ADEChallengeData2016 data.val=/data/ADEChallengeData2016":
         "8 GPUs and ADE20K (a download); tests/test_segment.py runs the recipe on a tiny ADE20K-layout folder",
+    "accelerate launch --multi_gpu --num_processes 8 mae/detect.py recipe=detect_coco_vit_base model.init=runs/vit_base data.train=/data/coco data.val=/data/coco":
+        "8 GPUs and COCO (a download); tests/test_detection.py runs the recipe's path on a tiny COCO-layout folder",
     # docs/data.md
     "python -m data_tools.make_shards SOURCE OUTPUT_DIR [options]": "a synopsis; the README's make_shards runs",
     "python -m data_tools.verify_shards OUTPUT_DIR [--json report.json]": "a synopsis; the README's verify runs",
@@ -205,6 +223,8 @@ NOT_RUN = {
     "sbatch slurm/finetune.sbatch recipe=finetune_vit_base model.init=runs/mae-pretrain": CLUSTER,
     "sbatch slurm/linprobe.sbatch recipe=linprobe_vit_base model.init=runs/mae-pretrain": CLUSTER,
     "sbatch slurm/segment.sbatch recipe=segment_ade20k_vit_base model.init=runs/mae-pretrain data.train=/data/ADEChallengeData2016 data.val=/data/ADEChallengeData2016":
+        CLUSTER,
+    "sbatch slurm/detect.sbatch recipe=detect_coco_vit_base model.init=runs/mae-pretrain data.train=/data/coco data.val=/data/coco":
         CLUSTER,
     "sbatch -p gpu -A myproject --job-name=vitl-1600ep --nodes=8 slurm/pretrain.sbatch recipe=vit_large": CLUSTER,
     "export SBATCH_PARTITION=gpu SBATCH_ACCOUNT=myproject": CLUSTER,
@@ -314,6 +334,7 @@ def sandbox(tmp_path_factory):
         "scripts",
         "data_tools",
         "experiments",
+        "benchmarks",
         "slurm",
         "pyproject.toml",
         ".venv",

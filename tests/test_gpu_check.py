@@ -112,7 +112,8 @@ def test_dry_run_writes_every_key_and_the_docs_table_is_generated_from_it(tmp_pa
     assert res["xformers"] is None and "pinned pair" in res["reasons"]["xformers"]
     device_xf = res["xformers_device_torch"]
     assert device_xf["ran_kernel"] is False and device_xf["sdpa_img_s"] > 0
-    for key, module in (("segment_demo_img_s", "segment"), ("embed_vit_base_img_s", "embed")):
+    for key, module in (("segment_demo_img_s", "segment"), ("detect_demo_img_s", "detect"),
+                        ("detect_vit_base_1024", "detect"), ("embed_vit_base_img_s", "embed")):  # fmt: skip
         if (ROOT / "mae" / f"{module}.py").exists():
             assert res[key] is not None or res["reasons"][key]
         else:

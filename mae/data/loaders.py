@@ -133,6 +133,57 @@ class _DataLoader(torch.utils.data.DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+class MapTrainLoader:
+    """Training batches of a rank from a map-style source (image / mask pairs, detection images), for steps
+    start_step .. steps_per_epoch - 1: every global step takes the next batch_size x world_size positions of a
+    per-(seed, epoch) permutation of the source (repeated when epoch_samples exceeds it), rank r block r, so the
+    data order is a pure function of (seed, epoch, step) and a run resumes exactly. Subclasses say what the
+    positions become: `dataset(epoch)` (index, position) -> item or None, and `collate(items)`."""
+
+    what = "data: samples"  # "<source kind>: <unit>", for the error message
+
+    def __init__(self, size: int, *, batch_size, seed, rank, world_size, workers, epoch_samples=0):
+        self.size, self.batch_size, self.seed, self.rank, self.world_size, self.workers = (
+            size, batch_size, seed, rank, world_size, workers,
+        )  # fmt: skip
+        self.num_samples = int(epoch_samples) or size
+        self.steps_per_epoch = full_steps(self.num_samples, batch_size * world_size, self.what)
+
+    def dataset(self, epoch: int) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list):
+        raise NotImplementedError
+
+    def iterate(self, epoch: int, start_step: int = 0):
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        if start_step == self.steps_per_epoch:
+            return iter(())
+        order = epoch_order(np.arange(self.size), self.num_samples, self.seed, epoch)
+        bounds = train_bounds(self.batch_size, self.rank, self.world_size, start_step, self.steps_per_epoch)
+        sampler = _Batches(order, bounds)
+        return iter(
+            _data_loader(self.dataset(epoch), self.workers, batch_sampler=sampler, collate_fn=self.collate)
+        )
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+def rank_block_loader(dataset, size: int, *, batch_size, rank, world_size, workers):
+    """Every item of a map-style dataset once across ranks (rank r: a contiguous block; nothing padded or seen
+    twice), in batches of (the good items, the number of bad ones: None)."""
+    bounds = eval_bounds(size, batch_size, rank, world_size)
+    return _data_loader(
+        dataset, workers, batch_sampler=_Batches(np.arange(size), bounds), collate_fn=_good_and_bad
+    )
+
+
+def _good_and_bad(items):
+    return [it for it in items if it is not None], sum(it is None for it in items)
+
+
 def _data_loader(dataset, num_workers: int, **kw) -> torch.utils.data.DataLoader:
     return _DataLoader(
         dataset, num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,

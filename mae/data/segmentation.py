@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -39,8 +38,7 @@ from torchvision.transforms import InterpolationMode
 
 from .bands import decode_bands, ext_of, is_array_ext
 from .images import IMAGE_EXTS, BadSampleLog, ImageDecodeError, decode_image
-from .loaders import _Batches, _data_loader
-from .sampling import epoch_order, eval_bounds, full_steps, train_bounds
+from .loaders import MapTrainLoader, rank_block_loader
 from .sources import FMNIST_CLASSES, DataError, read_fashion_mnist
 from .transforms import resolve_norm, sample_seed
 
@@ -147,15 +145,22 @@ class Scenes:
     def name(self, i: int) -> str:
         return f"{SCENES}:{self.split}#{i}"
 
-    def draw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(canvas uint8 (56, 56), mask uint8 (56, 56))."""
+    def placements(self, i: int) -> list[tuple[int, int, int]]:
+        """(garment index, top, left) of scene i's 2-4 garments, in the order they are drawn (later on top)."""
         rng = np.random.default_rng([0x5CE7E, 0 if self.split == "train" else 1, i])
-        canvas = np.zeros((SCENE_SIZE, SCENE_SIZE), np.uint8)
-        mask = np.zeros_like(canvas)
-        g = self.garments.shape[1]
+        g, out = self.garments.shape[1], []
         for _ in range(int(rng.integers(2, 5))):
             j = int(rng.integers(len(self.garments)))
             y, x = (int(v) for v in rng.integers(0, SCENE_SIZE - g + 1, size=2))
+            out.append((j, y, x))
+        return out
+
+    def draw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(canvas uint8 (56, 56), mask uint8 (56, 56))."""
+        canvas = np.zeros((SCENE_SIZE, SCENE_SIZE), np.uint8)
+        mask = np.zeros_like(canvas)
+        g = self.garments.shape[1]
+        for j, y, x in self.placements(i):
             ink = self.garments[j]
             on = ink > 0
             canvas[y : y + g, x : x + g][on] = ink[on]
@@ -212,17 +217,24 @@ def resolve_pairs(source: str, train: bool) -> tuple[str, str, str]:
     )
 
 
+def read_scenes(name: str, split: str, train: bool, fmnist_dir: str = "") -> Scenes:
+    """The scenes of the built-in source `name` (SCENES or the detection instances): `split`, or by default the
+    training scenes for training and the test scenes for evaluation."""
+    split = split or ("train" if train else "test")
+    if split not in SCENE_LENGTHS:
+        raise DataError(f"{name} split must be train or test, got {split!r}")
+    garments, labels = read_fashion_mnist(fmnist_dir or None, split)
+    return Scenes(garments, labels, split)
+
+
 def pair_source(source: str, *, train: bool, reduce_zero_label: bool, fmnist_dir: str = "", log_fn=None):
     """The pairs of `source` (see the module docstring). Images without a mask are named and left out."""
     name, _, split = source.partition(":")
     if name == SCENES:
-        split = split or ("train" if train else "test")
-        if split not in SCENE_LENGTHS:
-            raise DataError(f"{SCENES} split must be train or test, got {split!r}")
-        garments, labels = read_fashion_mnist(fmnist_dir or None, split)
+        scenes = read_scenes(SCENES, split, train, fmnist_dir)
         if reduce_zero_label:
             raise DataError(f"data.reduce_zero_label=true: {SCENES} masks use 0 for the background class")
-        return Scenes(garments, labels, split)
+        return scenes
     if not os.path.isdir(source):
         what = "no such directory" if not os.path.exists(source) else "not a directory"
         raise DataError(
@@ -437,51 +449,29 @@ class _PairDataset(torch.utils.data.Dataset):
         return img, m, self.src.name(i)
 
 
-def _train_collate(items, shape):
-    good = [it for it in items if it is not None]
-    if not good:
-        return torch.zeros(0, *shape), torch.zeros(0, *shape[1:], dtype=torch.long), len(items)
-    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), len(items) - len(good)
-
-
-def _eval_collate(items):
-    return [it for it in items if it is not None], sum(it is None for it in items)
-
-
-class SegTrainLoader:
+class SegTrainLoader(MapTrainLoader):
     """Training batches of a rank: (images (B', C, S, S) float, masks (B', S, S) long, n_bad) on the CPU, for
-    steps start_step .. steps_per_epoch - 1 (every global step consumes the next batch_size x world_size
-    positions of a per-(seed, epoch) permutation, rank r taking block r; exact resume from a step)."""
+    steps start_step .. steps_per_epoch - 1 (mae.data.loaders.MapTrainLoader: exact resume from a step)."""
+
+    what = "segmentation data: pairs"
 
     def __init__(self, src, transform, *, in_chans, num_classes, batch_size, seed, rank, world_size, workers,
                  epoch_samples=0):  # fmt: skip
+        super().__init__(len(src), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                         workers=workers, epoch_samples=epoch_samples)  # fmt: skip
         self.src, self.transform, self.in_chans, self.num_classes = src, transform, in_chans, num_classes
-        self.batch_size, self.seed, self.rank, self.world_size, self.workers = (
-            batch_size, seed, rank, world_size, workers,
-        )  # fmt: skip
-        self.num_samples = int(epoch_samples) or len(src)
-        self.steps_per_epoch = full_steps(self.num_samples, batch_size * world_size, "segmentation data")
 
-    def iterate(self, epoch: int, start_step: int = 0):
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
-        if start_step == self.steps_per_epoch:
-            return iter(())
-        order = epoch_order(np.arange(len(self.src)), self.num_samples, self.seed, epoch)
-        bounds = train_bounds(self.batch_size, self.rank, self.world_size, start_step, self.steps_per_epoch)
-        ds = _PairDataset(self.src, self.transform, self.in_chans, self.num_classes, self.seed, epoch)
-        shape = (self.in_chans, self.transform.crop, self.transform.crop)
-        return iter(
-            _data_loader(
-                ds,
-                self.workers,
-                batch_sampler=_Batches(order, bounds),
-                collate_fn=partial(_train_collate, shape=shape),
-            )
+    def dataset(self, epoch: int) -> _PairDataset:
+        return _PairDataset(self.src, self.transform, self.in_chans, self.num_classes, self.seed, epoch)
+
+    def collate(self, items):
+        good, shape = (
+            [it for it in items if it is not None],
+            (self.in_chans, self.transform.crop, self.transform.crop),
         )
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+        if not good:
+            return torch.zeros(0, *shape), torch.zeros(0, *shape[1:], dtype=torch.long), len(items)
+        return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), len(items) - len(good)
 
 
 class SegEvalLoader:
@@ -490,10 +480,9 @@ class SegEvalLoader:
 
     def __init__(self, src, transform, *, in_chans, num_classes, batch_size, rank, world_size, workers):
         self.src, self.num_samples = src, len(src)
-        bounds = eval_bounds(len(src), batch_size, rank, world_size)
         ds = _PairDataset(src, transform, in_chans, num_classes, 0, 0)
-        self._loader = _data_loader(
-            ds, workers, batch_sampler=_Batches(np.arange(len(src)), bounds), collate_fn=_eval_collate
+        self._loader = rank_block_loader(
+            ds, len(src), batch_size=batch_size, rank=rank, world_size=world_size, workers=workers
         )
 
     def __iter__(self):

@@ -167,3 +167,17 @@ def overlay(img: torch.Tensor, classes: np.ndarray, colours: np.ndarray, alpha: 
     base = (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.float32)
     painted = (1 - alpha) * base + alpha * colours[classes].astype(np.float32)
     return painted.round().clip(0, 255).astype(np.uint8)
+
+
+def detection_overlay(img: torch.Tensor, det: dict, names: list[str]) -> torch.Tensor:
+    """The image (C, H, W in [0, 1]; grey, RGB, or the first band of others) as uint8 RGB with masks, boxes and
+    `class score` labels drawn by torchvision.utils."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    rgb = img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
+    out = (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+    if len(det["boxes"]):
+        out = draw_segmentation_masks(out, det["masks"][:, 0] > 0.5, alpha=0.45)
+        labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(det["labels"], det["scores"].tolist())]
+        out = draw_bounding_boxes(out, det["boxes"], labels, width=1)
+    return out

@@ -16,19 +16,10 @@ def load_run(run_dir: str, which: str, device: torch.device):
     """(model in eval mode, run config) of a segmentation run directory."""
     from safetensors.torch import load_file
 
-    from mae.runs.record import BEST, load_run_config, resolve_checkpoint
+    from mae.runs.record import task_run
     from mae.weights.build import build_segmenter
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_run_config(run)
-    if cfg.get("task") != "segment":
-        raise ConfigError(f"{run_dir}: a {cfg.get('task')!r} run, not a segmentation run (mae/segment.py)")
-    if which == "best" and (run / BEST / "model.safetensors").is_file():
-        path = run / BEST / "model.safetensors"
-    else:
-        path = resolve_checkpoint(run)[0] / "model.safetensors"
+    cfg, path = task_run(run_dir, "segment", which)
     state = load_file(str(path))
     num_classes = state["decode_head.conv_seg.weight"].shape[0]
     from omegaconf import OmegaConf

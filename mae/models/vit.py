@@ -71,8 +71,18 @@ def resolve_attn_backend(requested: str | None = "auto") -> str:
     return name
 
 
-def attend(qkv: torch.Tensor, num_heads: int, scale: float, backend: str, p: float = 0.0) -> torch.Tensor:
-    """Attention of packed projections: qkv (B, N, 3 * C) -> (B, N, C), on `backend` (sdpa | math | xformers)."""
+def attend(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    backend: str,
+    p: float = 0.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of packed projections: qkv (B, N, 3 * C) -> (B, N, C), on `backend` (sdpa | math | xformers).
+    `bias` (B, heads, N, N), added to the scaled logits (a relative position bias), runs on sdpa or math."""
+    if bias is not None and backend == "xformers":
+        backend = "sdpa"  # xformers wants its own bias layout; SDPA takes the tensor as it is
     if (
         backend == "sdpa"
         and not qkv.is_cuda
@@ -86,9 +96,11 @@ def attend(qkv: torch.Tensor, num_heads: int, scale: float, backend: str, p: flo
         return rearrange(x, "b n h d -> b n (h d)")
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=num_heads)
     if backend == "sdpa":
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
     else:  # math: the explicit softmax(q k^T / sqrt(d)) v of the reference
         attn = (q @ k.transpose(-2, -1)) * scale  # (B, h, N, N)
+        if bias is not None:
+            attn = attn + bias
         attn = F.dropout(attn.softmax(dim=-1), p)
         x = attn @ v
     return rearrange(x, "b h n d -> b n (h d)")
@@ -168,10 +180,21 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
     """Apply `blocks` in order; with `grad_checkpointing`, activations are recomputed in backward."""
+    return run_taking(blocks, x, [], grad_checkpointing)[0]
+
+
+def run_taking(
+    blocks: nn.ModuleList, x: torch.Tensor, take: list[int], grad_checkpointing: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Apply `blocks` in order: (the last output, the outputs of the blocks numbered in `take`); with
+    `grad_checkpointing`, activations are recomputed in backward."""
     use_checkpoint = grad_checkpointing and torch.is_grad_enabled()
-    for blk in blocks:
+    out = []
+    for i, blk in enumerate(blocks):
         x = checkpoint(blk, x, use_reentrant=False) if use_checkpoint else blk(x)
-    return x
+        if i in take:
+            out.append(x)
+    return x, out
 
 
 def set_attn_backend(model: nn.Module, backend: str) -> str:
@@ -296,12 +319,8 @@ class BlockFeatures:
         take, last = feature_take_indices(len(self.blocks), indices)
         x, grid = self.embed_tokens(x)
         blocks = self.blocks[: last + 1] if stop_early else self.blocks
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        out = []
-        for i, blk in enumerate(blocks):
-            x = checkpoint(blk, x, use_reentrant=False) if use_checkpoint else blk(x)
-            if i in take:
-                out.append(self.norm(x) if norm else x)
+        x, out = run_taking(blocks, x, take, self.grad_checkpointing and self.training)
+        out = [self.norm(y) for y in out] if norm else out
         prefix = [y[:, :1] for y in out]
         out = [y[:, 1:] for y in out]
         if output_fmt == "NCHW":

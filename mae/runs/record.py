@@ -64,6 +64,21 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
+def task_run(run_dir: str | Path, task: str, which: str = "best") -> tuple[DictConfig, Path]:
+    """(config, weights file) of a `task` run directory: its best checkpoint (`which="best"`, when it has one) or
+    its latest. ConfigError when it is no run of that task."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_run_config(run)
+    if cfg.get("task") != task:
+        raise ConfigError(f"{run_dir}: a {cfg.get('task')!r} run, not a {task} run (mae/{task}.py)")
+    path = run / BEST / "model.safetensors"
+    if which == "last" or not path.is_file():
+        path = resolve_checkpoint(run)[0] / "model.safetensors"
+    return cfg, path
+
+
 def run_config_of(source: str | Path) -> DictConfig | None:
     """The run's config for a run dir, a checkpoint dir or a file inside one; else None."""
     source = Path(source)

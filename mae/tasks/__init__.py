@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from mae import config
 
-TASKS = ("pretrain", "finetune", "linprobe", "segment")
+TASKS = ("pretrain", "finetune", "linprobe", "segment", "detect")
 
 
 def task_module(task: str) -> ModuleType:

@@ -86,7 +86,10 @@ def build_optimizer(
     raise ValueError(f"train.optimizer={name!r}: expected adamw or lars")
 
 
-SCHEDULES = ("cosine", "poly")
+SCHEDULES = ("cosine", "poly", "step")
+# "step": detectron2's multi-step schedule of the ViTDet / LSJ recipes, lr x0.1 at these fractions of the run
+# (iterations 163,889 and 177,546 of 184,375)
+STEP_MILESTONES = (163889 / 184375, 177546 / 184375)
 
 
 def lr_at(
@@ -98,9 +101,12 @@ def lr_at(
     schedule: str = "cosine",
 ) -> float:
     """Linear warmup to `peak_lr`, then down to `min_lr` by a half cosine or linearly ("poly", power 1, as
-    mmsegmentation's PolyLR after its warm-up); a pure function of the step."""
+    mmsegmentation's PolyLR after its warm-up), or x0.1 at each of STEP_MILESTONES of the run ("step", min_lr
+    unused); a pure function of the step."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * step / warmup_steps
+    if schedule == "step":
+        return peak_lr * 0.1 ** sum(step >= m * total_steps for m in STEP_MILESTONES)
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     if schedule == "poly":

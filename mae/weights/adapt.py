@@ -76,16 +76,19 @@ def is_sincos(table: torch.Tensor, grid: tuple[int, int] | None = None) -> bool:
 
 
 def adapt_pos_table(
-    table: torch.Tensor, grid: tuple[int, int], src_grid: tuple[int, int] | None = None
+    table: torch.Tensor,
+    grid: tuple[int, int],
+    src_grid: tuple[int, int] | None = None,
+    resample: bool = False,
 ) -> tuple[torch.Tensor, str]:
     """A (1, 1 + L, D) position table for `grid`, and how it was made: "same", "sincos" (recomputed) or
-    "resampled" (a learned table, as timm). The cls row is kept."""
+    "resampled" (a learned table, as timm; any table with `resample`, as ViTDet). The cls row is kept."""
     src_grid = src_grid or grid_of(table)
     if src_grid is None:
         raise ValueError(f"a position table of {table.shape[1] - 1} patch rows is not a square grid")
     if tuple(src_grid) == tuple(grid):
         return table, "same"
-    if is_sincos(table, src_grid):
+    if not resample and is_sincos(table, src_grid):
         rows = sincos_pos_embed_2d(table.shape[-1], grid, cls_token=False).to(table.dtype)
         return torch.cat([table[:, :1], rows.unsqueeze(0)], dim=1), "sincos"
     out = resample_abs_pos_embed(table, list(grid), list(src_grid), num_prefix_tokens=1, antialias=True)
@@ -232,11 +235,14 @@ def load_weights(model: nn.Module, source: str | Path | Mapping, keep_head: bool
             continue
         grid = tuple(model.patch_embed.grid_size)
         src_grid = _source_grid(arch, sd[k])
-        sd[k], how = adapt_pos_table(sd[k], grid, src_grid)
+        # a model may ask for any table to be resampled (ViTDet's detection backbone does, as detectron2)
+        sd[k], how = adapt_pos_table(sd[k], grid, src_grid, getattr(model, "resample_pos_embed", False))
         made = (
             "recomputed (the fixed sin-cos table)"
             if how == "sincos"
             else "resampled as timm (a learned table)"
+            if not getattr(model, "resample_pos_embed", False)
+            else f"resampled as {type(model).__name__} asks (bicubic, as ViTDet)"
         )
         notes.append(f"image size: {k} {src_grid[0]}x{src_grid[1]} -> {grid[0]}x{grid[1]} patches, {made}")
 

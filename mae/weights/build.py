@@ -119,6 +119,43 @@ def build_segmenter(cfg: DictConfig, num_classes: int):
         raise ConfigError(f"model.seg_blocks / model.seg_head: {e}") from None
 
 
+def build_detector(cfg: DictConfig, num_classes: int):
+    """The detection model of a `detect` config: Mask R-CNN on the ViTDet backbone of `model.name`."""
+    from mae.models import list_models, model_config
+    from mae.models.detection import MaskRCNNViT
+
+    name = vit_name(cfg.model.name)
+    if name not in list_models():
+        known = ", ".join(n for n in list_models() if n.startswith("vit_"))
+        raise ConfigError(f"model.name={cfg.model.name!r} is not a ViT; known: {known}")
+    m = cfg.model
+    kw = {**model_config(name), **model_overrides(cfg, for_mae=False)}
+    if (
+        m.fpn_channels < 1
+        or m.roi_samples < 1
+        or m.detections < 1
+        or len(m.proposals) != 2
+        or min(m.proposals) < 1
+    ):
+        raise ConfigError(
+            "model.fpn_channels, model.roi_samples, model.detections and both model.proposals must be >= 1, got "
+            f"{m.fpn_channels}, {m.roi_samples}, {m.detections}, {list(m.proposals)}"
+        )
+    if m.anchor_sizes and (len(m.anchor_sizes) != 5 or min(m.anchor_sizes) <= 0):
+        raise ConfigError(
+            f"model.anchor_sizes: one positive size per RPN level (5), got {list(m.anchor_sizes)}"
+        )
+    if m.window_size < 0:
+        raise ConfigError(
+            f"model.window_size must be >= 0 (0 = global attention everywhere), got {m.window_size}"
+        )
+    return MaskRCNNViT(
+        num_classes, drop_path_rate=m.drop_path, window_size=m.window_size, channels=m.fpn_channels,
+        anchor_sizes=tuple(m.anchor_sizes), proposals=tuple(m.proposals), roi_samples=m.roi_samples,
+        detections=m.detections, **kw,
+    )  # fmt: skip
+
+
 def load_run_model(path: str | Path):
     """(MaskedAutoencoder in eval mode with the run's latest weights, the run's config)."""
     from safetensors.torch import load_file
