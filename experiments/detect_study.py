@@ -170,7 +170,8 @@ def test_scores(run: Path, test: Path) -> dict:
     from mae.eval.coco import coco_ap
     from mae.tasks.detect import detect_results
     from mae.train.runtime import resolve_precision
-    from mae.weights.build import build_detector, task_run
+    from mae.runs.record import task_run
+    from mae.weights.build import build_detector
 
     f = run / "test.json"
     if f.is_file():
