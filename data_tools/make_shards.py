@@ -7,7 +7,10 @@
 Writes OUTPUT_DIR/PREFIX-000000.tar ... (members KEY.jpg|png|tif|npy|..., KEY.cls when labelled, KEY.json with
 the source path), dataset.json (the manifest the loader reads) and classes.json. Each shard is written as
 PREFIX-NNNNNN.tar.partial and renamed when complete; progress is recorded in .make_shards.json after each
-shard, so re-running the same command resumes an interrupted build, and a different command refuses.
+shard, so re-running the same command resumes an interrupted build, and a different command refuses. Until it
+is complete the directory is refused as training data. OUTPUT_DIR may not be SOURCE or lie inside it; a
+non-empty OUTPUT_DIR that holds no build of this command is refused unless --overwrite; one build at a time
+writes into a directory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -41,6 +46,8 @@ from mae.data import (
 from mae.data.bands import ext_of, is_array_ext, read_array, scale_array
 from mae.data.images import convert_image
 from mae.data.sources import parse_builtin
+from mae.runs.files import OutputError, check_not_over_inputs, claimed_dir
+from mae.runs.lock import LOCK_FILE, OutputDirBusy
 
 STATE = ".make_shards.json"
 TAR_BLOCK = 512
@@ -325,23 +332,12 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _resume_state(out_dir: str, prefix: str, fingerprint: dict, overwrite: bool) -> dict | None:
-    """The recorded progress of the same build, a fresh state, or None when the build is already complete."""
-    state_path, manifest_path = os.path.join(out_dir, STATE), os.path.join(out_dir, MANIFEST)
-    ours = [
-        f
-        for f in os.listdir(out_dir)
-        if f.startswith(prefix + "-") and (f.endswith(".tar") or f.endswith(".partial"))
-    ]
-    fresh = {"fingerprint": fingerprint, "shards": [], "next": 0, "skipped": []}
-    if overwrite:
-        for f in ours + [STATE, MANIFEST, "classes.json"]:
-            if os.path.exists(os.path.join(out_dir, f)):
-                os.remove(os.path.join(out_dir, f))
-        return fresh
-    if os.path.exists(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
+def _check_output(out_dir: str, prefix: str, fingerprint: dict, overwrite: bool) -> None:
+    """Refuse (UsageError) an OUTPUT_DIR that holds another build or other files; changes nothing."""
+    if overwrite or not os.path.isdir(out_dir):
+        return
+    state = _read_state(out_dir)
+    if state is not None:
         if state["fingerprint"] != fingerprint:
             diff = sorted(
                 k
@@ -350,22 +346,53 @@ def _resume_state(out_dir: str, prefix: str, fingerprint: dict, overwrite: bool)
             )
             raise UsageError(f"{out_dir} holds a build with different settings ({', '.join(diff)}); "
                              "use another directory or pass --overwrite")  # fmt: skip
-        if os.path.exists(manifest_path) and state.get("complete"):
-            return None
-        for f in ours:
-            if f.endswith(".partial"):
-                os.remove(os.path.join(out_dir, f))
-        for i, s in enumerate(state["shards"]):  # keep the shards that are still intact
-            p = os.path.join(out_dir, s["name"])
-            if not os.path.exists(p) or os.path.getsize(p) != s["bytes"]:
-                state["shards"], state["next"] = state["shards"][:i], s["first"]
-                state["skipped"] = [k for k in state["skipped"] if k["pos"] < s["first"]]
-                break
-        return state
-    if ours or os.path.exists(manifest_path):
+        return
+    if _ours(out_dir, prefix) or os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise UsageError(f"{out_dir} already holds shards not made by this command; "
                          "use another directory or pass --overwrite")  # fmt: skip
-    return fresh
+    others = sorted(f for f in os.listdir(out_dir) if f != LOCK_FILE)
+    if others:
+        raise UsageError(f"OUTPUT_DIR {out_dir} is not empty ({others[0]} is not part of a make_shards build); "
+                         "choose an empty or new directory, or pass --overwrite to write into it")  # fmt: skip
+
+
+def _ours(out_dir: str, prefix: str) -> list[str]:
+    return [f for f in os.listdir(out_dir) if f.startswith(prefix + "-") and f.endswith((".tar", ".partial"))]
+
+
+def _read_state(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, STATE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _resume_state(out_dir: str, prefix: str, fingerprint: dict, overwrite: bool) -> dict | None:
+    """The recorded progress of the same build, a fresh state, or None when the build is already complete
+    (the directory has passed _check_output)."""
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    fresh = {"fingerprint": fingerprint, "shards": [], "next": 0, "skipped": []}
+    if overwrite:
+        for f in _ours(out_dir, prefix) + [STATE, MANIFEST, "classes.json"]:
+            if os.path.exists(os.path.join(out_dir, f)):
+                os.remove(os.path.join(out_dir, f))
+        return fresh
+    state = _read_state(out_dir)
+    if state is None:
+        return fresh
+    if os.path.exists(manifest_path) and state.get("complete"):
+        return None
+    for f in _ours(out_dir, prefix):
+        if f.endswith(".partial"):
+            os.remove(os.path.join(out_dir, f))
+    for i, s in enumerate(state["shards"]):  # keep the shards that are still intact
+        p = os.path.join(out_dir, s["name"])
+        if not os.path.exists(p) or os.path.getsize(p) != s["bytes"]:
+            state["shards"], state["next"] = state["shards"][:i], s["first"]
+            state["skipped"] = [k for k in state["skipped"] if k["pos"] < s["first"]]
+            break
+    return state
 
 
 def build(args) -> int:
@@ -379,7 +406,13 @@ def build(args) -> int:
     }
     fingerprint = {"source": os.path.abspath(args.source) if os.path.exists(args.source) else args.source,
                    "inputs": len(inputs), **options}  # fmt: skip
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_not_over_inputs(args.output_dir, {"SOURCE": args.source}, flag="OUTPUT_DIR")
+    check = partial(_check_output, args.output_dir, args.prefix, fingerprint, args.overwrite)
+    with claimed_dir(Path(args.output_dir), "OUTPUT_DIR", check):  # one build per directory
+        return _build(args, inputs, classes, order, fingerprint)
+
+
+def _build(args, inputs: list[Input], classes: list[str] | None, order: list[int], fingerprint: dict) -> int:
     state = _resume_state(args.output_dir, args.prefix, fingerprint, args.overwrite)
     if state is None:
         print(f"{args.output_dir}: already complete (same source and options); nothing to do")
@@ -525,7 +558,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return build(args)
-    except UsageError as e:
+    except (UsageError, OutputError, OutputDirBusy) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,7 @@ from mae.data import DataError, ImageDecodeError
 from mae.data.bands import decode_sample
 from mae.data.shards import first_shard_samples, image_member, resolve_shards
 from mae.data.sources import SyntheticSource, is_shard_source, map_source
+from mae.runs.files import OutputError, atomic_text, check_not_over_inputs
 
 SPREAD = 16  # shards a sampled shard source is spread over (at least)
 
@@ -230,8 +231,10 @@ def main(argv=None) -> int:
     if args.in_chans < 0 or args.samples < 0:
         p.error("--in-chans and --samples must be >= 0")
     try:
+        if args.json:
+            check_not_over_inputs(args.json, {"SOURCE": args.source}, flag="--json")
         m, planned, total, in_chans = compute(args)
-    except DataError as e:
+    except (DataError, OutputError) as e:
         print(f"mae-data-stats: error: {e}", file=sys.stderr)
         return 2
     if m.samples == 0:
@@ -250,9 +253,9 @@ def main(argv=None) -> int:
     if args.json:
         import json
 
-        with open(args.json, "w") as f:
-            json.dump({"source": args.source, "samples": m.samples, "bad": m.bad, "pixels": m.n,
-                       "in_chans": in_chans, "mean": mean, "std": std}, f, indent=1)  # fmt: skip
+        atomic_text(args.json, json.dumps({"source": args.source, "samples": m.samples, "bad": m.bad,
+                                           "pixels": m.n, "in_chans": in_chans, "mean": mean, "std": std},
+                                          indent=1))  # fmt: skip
     return 0
 
 

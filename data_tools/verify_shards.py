@@ -234,11 +234,18 @@ def main(argv=None) -> int:
     if not any(f.endswith((".tar", ".partial", ".json")) for f in os.listdir(args.directory)):
         print(f"verify_shards: error: {args.directory!r} holds no shards and no manifest", file=sys.stderr)
         return 2
+    from mae.runs.files import OutputError, atomic_text, check_not_over_inputs
+
+    try:
+        if args.json:  # a report inside the shard directory would sit among the data it describes
+            check_not_over_inputs(args.json, {"DIRECTORY": args.directory}, flag="--json")
+    except OutputError as e:
+        print(f"verify_shards: error: {e}", file=sys.stderr)
+        return 2
     rep = verify(args.directory, args.workers)
     print_report(rep)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=1)
+        atomic_text(args.json, json.dumps(rep, indent=1))
     return 1 if rep["errors"] else 0
 
 

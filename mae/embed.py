@@ -12,6 +12,10 @@ The encoder sees every patch: no masking. The evaluation transform (image size, 
 mean / std, channels) is the one the source records (a run's config.yaml, an export's config.json), else
 the flags'; a flag given for a recorded value replaces it and says so. The same command writes the same bytes.
 
+OUT_DIR may not be SOURCE, DATA or VAL_DATA, lie inside one or hold one. An OUT_DIR holding other files is
+refused unless --overwrite; one holding mae-embed's earlier output has it replaced whole (a neighbours.png the
+new command does not draw included). The files appear together at the end; one run at a time writes there.
+
 --pool mean (default): the mean of the patch tokens after the final norm, the feature the pretraining's k-NN
 monitor scores (so --knn reproduces its figure), the reference fine-tuning's global average pooling and what
 Hugging Face's ViTMAEModel gives as `last_hidden_state[:, 1:].mean(1)` with mask_ratio=0. --pool cls: the cls
@@ -95,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--neighbours", type=_positive, metavar="K", help="write neighbours.png: queries + K nearest"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (off anyway when not a tty)")
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT_DIR that holds other files")
     g = p.add_argument_group("transform and architecture, where the source records none (or to replace it)")
     g.add_argument("--img-size", type=_positive)
     g.add_argument("--in-chans", type=_positive)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    raise SystemExit(main())
+    sys.exit(main())
 
 
 if __name__ == "__main__":

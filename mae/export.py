@@ -14,6 +14,9 @@ The timm export holds any encoder (every size is in config.json's `model_args`) 
                       pretrained_cfg_overlay=dict(file=".../model.safetensors", first_conv=None))
 (`first_conv=None`: timm keeps the patch projection as it is for any channel count), or with
 `timm.create_model("local-dir:OUT_DIR", pretrained=True)`.
+
+OUT_DIR may not be SOURCE, lie inside it or hold it. An OUT_DIR holding other files is refused unless --overwrite;
+one holding mae-export's earlier output has it replaced whole. The files appear together when complete.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None, help="HF config flag"
     )
     p.add_argument("--mask-ratio", type=float, help="HF config mask_ratio (default: the run's, else 0.75)")
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT_DIR that holds other files")
     return p.parse_args(argv)
 
 
@@ -57,21 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    from mae.runs.files import OutputDir
     from mae.weights.convert import WRITERS, ExportError, describe_source
 
     try:
         sd, args, extras = describe_source(opts.source, opts)
-        out = WRITERS[opts.to](sd, args, extras, opts.out_dir)
+        with OutputDir(opts.out_dir, "mae-export", {"SOURCE": opts.source}, overwrite=opts.overwrite) as out:
+            staging = out.staging()  # the writers (transformers' save_pretrained among them) fill a folder
+            WRITERS[opts.to](sd, args, extras, staging)
+            out.adopt(staging)
+            out.commit()
     except (ExportError, FileNotFoundError, ValueError, KeyError) as e:
         msg = f"missing tensor {e}" if isinstance(e, KeyError) else str(e)
         print(f"mae-export: error: {msg}", file=sys.stderr)
         return 2
-    print(f"wrote {opts.to} weights to {out}")
+    print(f"wrote {opts.to} weights to {opts.out_dir}")
     return 0
 
 
 def cli() -> None:
-    raise SystemExit(main())
+    sys.exit(main())
 
 
 if __name__ == "__main__":

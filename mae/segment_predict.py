@@ -9,13 +9,17 @@ the classes painted over it. The run's recorded config decides channels, resizin
 normalisation and inference (train.eval_mode); the weights are the run's best by mIoU (checkpoint-best/),
 or its latest checkpoint with --checkpoint last. An unreadable image is named on stderr, skipped and
 counted; a run that is not a segmentation run, or no readable image, is an error (exit 2).
+
+OUT_DIR may not be INPUT, lie inside it or hold it. Two inputs whose outputs would take one name (a.jpg and
+a.png; b.png and b_overlay.png) are an error naming both, before anything is written. An OUT_DIR holding other
+files is refused unless --overwrite; one holding this command's earlier output has it replaced whole. The
+files appear when every image is done (a stopped run leaves none); one run at a time writes into an OUT_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,42 +34,28 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", choices=("best", "last"), default="best", help="best by mIoU (default) or latest"
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT_DIR that holds other files")
     args = p.parse_args(argv)
-    from PIL import Image
-
     from mae.config import ConfigError
-    from mae.data.segmentation import BadPair, read_image_file
     from mae.device import resolve_device
-    from mae.eval.figures import overlay, palette
-    from mae.infer.segment import find_images, load_run, predict
+    from mae.infer.segment import find_images, load_run, predict_folder, reserve_names
+    from mae.runs.files import OutputDir
 
+    inputs = {"INPUT": args.input, "RUN_DIR": args.run_dir}
     try:
         device = resolve_device(args.device, ConfigError)
         images = find_images(args.input)
-        model, cfg, path = load_run(args.run_dir, args.checkpoint, device)
+        with OutputDir(args.out_dir, "mae-segment-predict", inputs, overwrite=args.overwrite) as out:
+            reserve_names(out, images, args.input)
+            model, cfg, path = load_run(args.run_dir, args.checkpoint, device)
+            done, bad = predict_folder(model, cfg, device, images, args.input, out)
+            if done:
+                out.commit()
     except (ConfigError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    colours = palette(model.seg_classes)
-    root = Path(args.input) if Path(args.input).is_dir() else Path(args.input).parent
-    done = bad = 0
-    for f in images:
-        try:
-            img = read_image_file(str(f), cfg.model.in_chans)
-        except BadPair as e:
-            bad += 1
-            print(f"skipping {e}", file=sys.stderr)
-            continue
-        classes = predict(model, cfg, img, device)
-        stem = str(f.relative_to(root).with_suffix(""))
-        (out / stem).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(classes).save(out / f"{stem}.png")
-        Image.fromarray(overlay(img, classes, colours)).save(out / f"{stem}_overlay.png")
-        done += 1
     print(
-        f"{done} image(s) segmented with {path} ({model.seg_classes} classes) into {out}"
+        f"{done} image(s) segmented with {path} ({model.seg_classes} classes) into {args.out_dir}"
         + (f"; {bad} unreadable, skipped" if bad else "")
     )
     return 0 if done else 2

@@ -2,6 +2,8 @@
 one row per image.
 
 mae-viz runs/demo IMAGE [IMAGE ...] --out recon.png      # any run dir or checkpoint, any images
+
+The figure is written atomically; --out may not be one of the images (nor a folder holding one).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     from mae.config import ConfigError
     from mae.data import DataError, ImageDecodeError
     from mae.eval.figures import load_images, save_reconstructions
+    from mae.runs.files import check_not_over_inputs
     from mae.weights.build import load_run_model
 
     try:
+        check_not_over_inputs(args.out, [("IMAGE", p) for p in args.images], flag="--out")
         model, cfg = load_run_model(args.checkpoint)
         missing = [p for p in args.images if not Path(p).is_file()]
         if missing:

@@ -67,3 +67,19 @@ TWO_CPU_PROCESSES = [
     "--dynamo_backend",
     "no",
 ]
+
+
+def run_dir(path: Path, state: dict, keys: list[str], step: int = 2) -> Path:
+    """A run directory as the training loop leaves it: config.yaml of `keys` (a command line), one checkpoint of
+    the weights `state`, checkpoint-last."""
+    from safetensors.torch import save_file
+
+    from mae.config import to_yaml
+    from mae.tasks import load_config
+
+    ckpt = path / f"checkpoint-{step:08d}"
+    ckpt.mkdir(parents=True)
+    (path / "config.yaml").write_text(to_yaml(load_config(keys)))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"))
+    (path / "checkpoint-last").symlink_to(ckpt.name)
+    return path

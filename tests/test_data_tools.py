@@ -294,3 +294,22 @@ def test_shard_workers_take_the_default_sigterm_so_the_pool_always_ends():
     r = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["[(True,", "True)]", "ended"]
+
+
+def test_make_shards_never_writes_into_its_source_nor_a_used_directory(tmp_path, capsys):
+    make_folder(tmp_path / "images", per_class=2)
+    before = sorted(p.name for p in (tmp_path / "images").rglob("*"))
+    for out, needle in (
+        (tmp_path / "images", "is SOURCE"),
+        (tmp_path / "images" / "shards", "inside SOURCE"),
+    ):
+        assert make_shards.main([str(tmp_path / "images"), str(out), "--no-progress", "--workers", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert sorted(p.name for p in (tmp_path / "images").rglob("*")) == before
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    assert make_shards.main([str(tmp_path / "images"), str(tmp_path / "used"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt" in err[0]
+    assert sorted(os.listdir(tmp_path / "used")) == ["notes.txt"]

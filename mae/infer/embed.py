@@ -4,6 +4,7 @@ write embeddings.npy + index.csv, score --knn as the pretraining's k-NN monitor 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -29,18 +30,21 @@ class Processes:
     world_size: int = 1
     device: torch.device | None = None  # the launcher's device for this rank
     gather: Callable[[list], list] | None = None  # every rank's list, concatenated in rank order
+    broadcast: Callable[[list], list] | None = None  # rank 0's list on every rank
 
     @classmethod
     def from_env(cls, device: str = "auto") -> Processes:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         from accelerate import PartialState
-        from accelerate.utils import gather_object
+        from accelerate.utils import broadcast_object_list, gather_object
 
         # as the training entry points: the CPU (gloo) without CUDA, under ACCELERATE_USE_CPU or --device cpu
         forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or str(device) == "cpu"
         state = PartialState(cpu=forced or not torch.cuda.is_available())
-        return cls(state.process_index, state.num_processes, state.device, gather_object)
+        return cls(
+            state.process_index, state.num_processes, state.device, gather_object, broadcast_object_list
+        )
 
 
 @dataclass
@@ -112,23 +116,43 @@ def _merge(parts: list[Embedded]) -> Embedded:
 # files
 
 
-def write_outputs(out: Path, emb: Embedded, paths: list[str], labels: list[str], dtype: str) -> None:
-    """embeddings.npy and index.csv, each written atomically (mae.runs.files)."""
-    from mae.runs.files import atomic_write
+def write_outputs(out, emb: Embedded, paths: list[str], labels: list[str], dtype: str) -> None:
+    """embeddings.npy and index.csv into `out` (mae.runs.files.OutputDir: they appear at its commit)."""
 
-    def write_index(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["path", "label"])
-            w.writerows(zip(paths, labels))
+    with open(out.file("index.csv"), "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "label"])
+        w.writerows(zip(paths, labels))
+    with open(out.file("embeddings.npy"), "wb") as f:  # a file object: np.save would add ".npy" to the name
+        np.save(f, emb.vectors.astype(dtype), allow_pickle=False)
 
-    def write_vectors(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
-            np.save(f, emb.vectors.astype(dtype), allow_pickle=False)
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "embeddings.npy", write_vectors)
-    atomic_write(out / "index.csv", write_index)
+@contextlib.contextmanager
+def output_dir(opts: argparse.Namespace, data: str, procs: Processes):
+    """OUT_DIR held by rank 0 for the whole command (mae.runs.files.OutputDir: never over SOURCE, DATA or
+    VAL_DATA, one run at a time, its own earlier output replaced whole); every rank learns rank 0's verdict
+    before anything is embedded. Yields the OutputDir on rank 0, None on the others."""
+    from mae.runs.files import OutputDir, OutputError
+
+    inputs = {"SOURCE": opts.source, "DATA": data, **({"--knn VAL_DATA": opts.knn} if opts.knn else {})}
+    out, msg = OutputDir(opts.out_dir, "mae-embed", inputs, overwrite=opts.overwrite), ""
+    if procs.rank == 0:
+        try:
+            out.__enter__()
+        except OutputError as e:
+            msg = str(e)
+    if procs.broadcast is not None:
+        msg = procs.broadcast([msg])[0]
+    if msg:
+        err = OutputError(msg)
+        err.quiet = procs.rank != 0
+        raise err
+    if procs.rank:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        stack.push(out)
+        yield out
 
 
 def index_columns(emb: Embedded, source: str, classes: list[str] | None) -> tuple[list[str], list[str]]:
@@ -166,12 +190,11 @@ def knn_figure(bank: Embedded, queries: Embedded, k: int) -> float:
 def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_source: str, k: int,
                     classes: list[str] | None, queries: Embedded | None = None,
                     query_source: str | None = None) -> None:  # fmt: skip
-    """neighbours.png: NEIGHBOUR_QUERIES queries (from `queries`, else from the bank itself, which then does not
+    """`path` (neighbours.png): NEIGHBOUR_QUERIES queries (from `queries`, else from the bank itself, which then does not
     count a query as its own neighbour) and their k nearest bank images by cosine similarity."""
     from mae.data.loaders import read_by_ids
     from mae.data.sources import balanced_order
     from mae.eval.figures import neighbour_grid
-    from mae.runs.files import atomic_write
 
     own = queries is None
     queries, query_source = (bank, bank_source) if own else (queries, query_source)
@@ -194,7 +217,7 @@ def draw_neighbours(path: Path, embedder: Embedder, cfg, bank: Embedded, bank_so
     n_labels = label_names(bank.labels[top.flatten().numpy()], classes)
     n_labels = [n_labels[i * k : (i + 1) * k] for i in range(len(rows))]
     grid = neighbour_grid(q_imgs, n_imgs, s.mean, s.std, q_labels, n_labels)
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    grid.save(path, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,61 +257,71 @@ def run(opts: argparse.Namespace) -> int:
     from mae.data import DataError, ImageDecodeError, train_split
 
     procs = Processes.from_env(opts.device)
-    say = print if procs.rank == 0 else (lambda *a, **k: None)
     try:
         data, val = train_split(opts.data), opts.knn
         _check_data(data, "DATA")
         if val:
             _check_data(val, "--knn")
-        device = procs.device if opts.device == "auto" and procs.device is not None else opts.device
-        t0 = time.perf_counter()
-        embedder = Embedder.from_pretrained(
-            opts.source, pool=opts.pool, layer=opts.layer, device=device, precision=opts.precision,
-            img_size=opts.img_size, in_chans=opts.in_chans, mean=opts.mean, std=opts.std, crop_pct=opts.crop_pct,
-            num_heads=opts.num_heads, log=say,
-        )  # fmt: skip
-        cfg = data_config(opts.source, embedder, opts.workers)
-        classes, k = _labels_for_knn(opts, cfg, data, val)
-        m = embedder.model
-        say(f"mae-embed: {opts.source}: ViT {m.embed_dim}-d, block {len(m.blocks)}/{m.depth}, pool {opts.pool}, "
-            f"{embedder.device.type} {embedder.precision}, {procs.world_size} process(es); "
-            f"transform {embedder.spec.describe()}")  # fmt: skip
-        kw = dict(batch_size=opts.batch_size, procs=procs, progress=not opts.no_progress)
-        bank = embed_source(embedder, cfg, data, max_samples=opts.max_samples, **kw)
-        queries = embed_source(embedder, cfg, val, max_samples=opts.knn_max_samples, **kw) if val else None
-        if procs.rank:
-            return 0
-        if not len(bank.ids):
-            raise EmbedError(f"DATA {data!r}: no readable image ({bank.skipped} skipped)")
-        out = Path(opts.out_dir)
-        write_outputs(out, bank, *index_columns(bank, data, classes), opts.dtype)
-        seconds = time.perf_counter() - t0
-        shape = " x ".join(map(str, bank.vectors.shape))
-        say(
-            f"wrote {out / 'embeddings.npy'} ({shape} {opts.dtype}) and {out / 'index.csv'} ({seconds:.1f} s)"
-        )
-        if bank.skipped:
-            print(
-                f"mae-embed: skipped {bank.skipped} unreadable image(s) of {data} (named above)",
-                file=sys.stderr,
-            )
-        if queries is not None:
-            if not len(queries.ids):
-                raise EmbedError(f"--knn {val!r}: no readable image ({queries.skipped} skipped)")
-            for flag, source, e in (("DATA", data, bank), ("--knn", val, queries)):
-                if (e.labels < 0).any():
-                    raise EmbedError(f"{flag} {source!r} has unlabelled samples; the k-NN needs every label")
-            top1 = knn_figure(bank, queries, k)
-            say(f"k-NN top-1 of {val} against {data} ({k}-NN, cosine, T 0.07; {len(queries.ids)} queries, "
-                f"{len(bank.ids)} in the bank): {top1:.2f}% ({round(top1 * len(queries.ids) / 100)} right)")  # fmt: skip
-        if opts.neighbours:
-            draw_neighbours(out / "neighbours.png", embedder, cfg, bank, data, opts.neighbours, classes,
-                            queries, val)  # fmt: skip
-            say(f"wrote {out / 'neighbours.png'}")
+        with output_dir(opts, data, procs) as out:
+            return _embed(opts, data, val, procs, out)
     except (EmbedError, DataError, ConfigError, ImageDecodeError, OSError) as e:
-        print(f"mae-embed: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):
+            print(f"mae-embed: error: {e}", file=sys.stderr)
         return 2
+
+
+def _embed(opts: argparse.Namespace, data: str, val: str | None, procs: Processes, out) -> int:
+    """Embed DATA (and VAL_DATA) on every rank; rank 0 writes the files into `out` and scores --knn."""
+    say = print if procs.rank == 0 else (lambda *a, **k: None)
+    device = procs.device if opts.device == "auto" and procs.device is not None else opts.device
+    t0 = time.perf_counter()
+    embedder = Embedder.from_pretrained(
+        opts.source, pool=opts.pool, layer=opts.layer, device=device, precision=opts.precision,
+        img_size=opts.img_size, in_chans=opts.in_chans, mean=opts.mean, std=opts.std, crop_pct=opts.crop_pct,
+        num_heads=opts.num_heads, log=say,
+    )  # fmt: skip
+    cfg = data_config(opts.source, embedder, opts.workers)
+    classes, k = _labels_for_knn(opts, cfg, data, val)
+    m = embedder.model
+    say(f"mae-embed: {opts.source}: ViT {m.embed_dim}-d, block {len(m.blocks)}/{m.depth}, pool {opts.pool}, "
+        f"{embedder.device.type} {embedder.precision}, {procs.world_size} process(es); "
+        f"transform {embedder.spec.describe()}", flush=True)  # fmt: skip
+    kw = dict(batch_size=opts.batch_size, procs=procs, progress=not opts.no_progress)
+    bank = embed_source(embedder, cfg, data, max_samples=opts.max_samples, **kw)
+    queries = embed_source(embedder, cfg, val, max_samples=opts.knn_max_samples, **kw) if val else None
+    if procs.rank:
+        return 0
+    if not len(bank.ids):
+        raise EmbedError(f"DATA {data!r}: no readable image ({bank.skipped} skipped)")
+    write_outputs(out, bank, *index_columns(bank, data, classes), opts.dtype)
+    if bank.skipped:
+        print(
+            f"mae-embed: skipped {bank.skipped} unreadable image(s) of {data} (named above)", file=sys.stderr
+        )
+    if queries is not None:
+        top1 = _knn(bank, queries, data, val, k)
+    if opts.neighbours:
+        draw_neighbours(out.file("neighbours.png"), embedder, cfg, bank, data, opts.neighbours, classes,
+                        queries, val)  # fmt: skip
+    out.commit()
+    shape = " x ".join(map(str, bank.vectors.shape))
+    say(f"wrote {out.path / 'embeddings.npy'} ({shape} {opts.dtype}) and {out.path / 'index.csv'} "
+        f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    if queries is not None:
+        say(f"k-NN top-1 of {val} against {data} ({k}-NN, cosine, T 0.07; {len(queries.ids)} queries, "
+            f"{len(bank.ids)} in the bank): {top1:.2f}% ({round(top1 * len(queries.ids) / 100)} right)")  # fmt: skip
+    if opts.neighbours:
+        say(f"wrote {out.path / 'neighbours.png'}")
     return 0
+
+
+def _knn(bank: Embedded, queries: Embedded, data: str, val: str, k: int) -> float:
+    if not len(queries.ids):
+        raise EmbedError(f"--knn {val!r}: no readable image ({queries.skipped} skipped)")
+    for flag, source, e in (("DATA", data, bank), ("--knn", val, queries)):
+        if (e.labels < 0).any():
+            raise EmbedError(f"{flag} {source!r} has unlabelled samples; the k-NN needs every label")
+    return knn_figure(bank, queries, k)
 
 
 def _labels_for_knn(opts, cfg, data: str, val: str | None) -> tuple[list[str] | None, int]:

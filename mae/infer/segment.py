@@ -3,6 +3,7 @@ size, class-id masks."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,48 @@ def predict(model, cfg, img: torch.Tensor, device: torch.device) -> np.ndarray:
         logits = segment_logits(model, x[None].to(device), cfg.train.eval_mode, cfg.train.eval_stride).float()
     logits = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False)
     return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def output_stem(image: Path, root: Path) -> str:
+    """The name of an image's outputs: its path below INPUT without the extension (`<stem>.png`,
+    `<stem>_overlay.png`)."""
+    return image.relative_to(root).with_suffix("").as_posix()
+
+
+def input_root(source: str) -> Path:
+    p = Path(source)
+    return p if p.is_dir() else p.parent
+
+
+def reserve_names(out, images: list[Path], source: str) -> None:
+    """Claim every output name in `out` (mae.runs.files.OutputDir) before anything is predicted: two images of
+    one output name are an error naming both."""
+    root = input_root(source)
+    for f in images:
+        stem = output_stem(f, root)
+        out.reserve(f"{stem}.png", str(f))
+        out.reserve(f"{stem}_overlay.png", str(f))
+
+
+def predict_folder(model, cfg, device, images: list[Path], source: str, out) -> tuple[int, int]:
+    """Class-id masks and overlays of `images` into `out` (an OutputDir); returns (written, unreadable)."""
+    from PIL import Image
+
+    from mae.data.segmentation import BadPair, read_image_file
+    from mae.eval.figures import overlay, palette
+
+    colours, root = palette(model.seg_classes), input_root(source)
+    done = bad = 0
+    for f in images:
+        try:
+            img = read_image_file(str(f), cfg.model.in_chans)
+        except BadPair as e:
+            bad += 1
+            print(f"skipping {e}", file=sys.stderr)
+            continue
+        classes = predict(model, cfg, img, device)
+        stem = output_stem(f, root)
+        Image.fromarray(classes).save(out.file(f"{stem}.png"), format="PNG")
+        Image.fromarray(overlay(img, classes, colours)).save(out.file(f"{stem}_overlay.png"), format="PNG")
+        done += 1
+    return done, bad

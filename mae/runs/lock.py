@@ -36,13 +36,17 @@ class OutputDirBusy(ConfigError):
 
 
 class RunLock:
-    """A held lock. `release()` empties the holder record and unlocks (closing the descriptor)."""
+    """A held lock. `release()` empties the holder record and unlocks (closing the descriptor); with `remove`
+    it deletes the lock file first, while still holding it (a waiter that opened it then finds it replaced and
+    tries again: see `acquire`)."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int, path: Path | None = None):
+        self.fd, self.path = fd, path
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
         if self.fd >= 0:
+            if remove and self.path is not None:
+                self.path.unlink(missing_ok=True)
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = -1
@@ -70,9 +74,11 @@ def describe(fd: int) -> str:
         return "holder not recorded yet"
 
 
-def acquire(out: Path, wait_s: float, notice=print) -> RunLock | None:
+def acquire(out: Path, wait_s: float, notice=print, name: str = "output_dir",
+            wait_key: str = "checkpoint.lock_wait_s") -> RunLock | None:  # fmt: skip
     """Lock `out` (created if missing), waiting up to `wait_s` seconds for a holder to end; raise
-    OutputDirBusy naming the holder after that. None (with a warning) on a filesystem without locks."""
+    OutputDirBusy naming the holder after that. None (with a warning) on a filesystem without locks.
+    `name`: what the messages call the directory (a command's OUT_DIR); `wait_key`: the setting of the wait."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -80,30 +86,43 @@ def acquire(out: Path, wait_s: float, notice=print) -> RunLock | None:
     while True:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # its holder removed it as it left: lock the file that is there now
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            continue
         except OSError as e:
             if e.errno not in _HELD:
                 os.close(fd)
                 if e.errno in _UNSUPPORTED:
                     notice(f"warning: {path}: the filesystem does not support locks ({e.strerror}); "
-                           "nothing stops a second run from using this output_dir")  # fmt: skip
+                           f"nothing stops a second run from using this {name}")  # fmt: skip
                     return None
                 raise
         left = deadline - time.monotonic()
         if left <= 0:
             holder = describe(fd)
             os.close(fd)
+            waited = f"; waited {wait_s:g} s ({wait_key})" if wait_s > 0 else ""
             raise OutputDirBusy(
-                f"output_dir {out} is in use by another run ({holder}); waited {wait_s:g} s "
-                "(checkpoint.lock_wait_s): let it finish or stop it, or choose another output_dir"
+                f"{name} {out} is in use by another run ({holder}){waited}: let it finish or stop it, or "
+                f"choose another {name}"
             )
         if not waiting:
-            notice(f"output_dir {out} is in use by another run ({describe(fd)}); waiting up to {wait_s:g} s")
+            notice(f"{name} {out} is in use by another run ({describe(fd)}); waiting up to {wait_s:g} s")
             waiting = True
         time.sleep(min(0.2, left))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder_record()).encode() + b"\n", 0)
-    return RunLock(fd)
+    return RunLock(fd, path)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def claim_output_dir(out: Path, wait_s: float, accelerator) -> RunLock | None:

@@ -27,6 +27,12 @@ class ExportError(ValueError):
     """A user-facing problem with the source or the options (one line, exit code 2)."""
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an error, without a trailing colon that announces lines left out."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0].rstrip(":") if lines else type(e).__name__
+
+
 # ----------------------------------------------------------------------------------------------------------
 # what the source is
 
@@ -227,8 +233,16 @@ def export_mae(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
 
     from mae.models import MaskedAutoencoder
 
+    if "decoder_embed.weight" not in sd:
+        raise ExportError("the source has no decoder (encoder-only weights); --to mae writes a full MAE: export "
+                          "the encoder with --to timm")  # fmt: skip
     with torch.device("meta"):
-        MaskedAutoencoder(**args).load_state_dict(sd, strict=True, assign=True)  # complete and consistent
+        try:  # complete and consistent
+            MaskedAutoencoder(**args).load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            raise ExportError(
+                f"the weights do not load into the MAE they describe: {_first_line(e)}"
+            ) from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
