@@ -45,11 +45,11 @@ from mae.data import (
 )
 from mae.data.bands import ext_of, is_array_ext, read_array, scale_array
 from mae.data.images import convert_image
+from mae.data.shards import BUILD_STATE as STATE
 from mae.data.sources import parse_builtin
 from mae.runs.files import OutputError, check_not_over_inputs, claimed_dir
 from mae.runs.lock import LOCK_FILE, OutputDirBusy
 
-STATE = ".make_shards.json"
 TAR_BLOCK = 512
 
 

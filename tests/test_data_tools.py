@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from data_tools import make_shards, verify_shards
-from mae.data import build_eval_loader, build_train_loader
+from mae.data import DataError, build_eval_loader, build_train_loader
 
 
 def data_cfg(**kw):
@@ -294,6 +294,57 @@ def test_shard_workers_take_the_default_sigterm_so_the_pool_always_ends():
     r = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["[(True,", "True)]", "ended"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_build_is_refused_as_training_data_until_finished(tmp_path, capsys):
+    """A build killed mid-way (5 shards and a .partial) once trained silently on the shards it had written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mae import pretrain
+
+    if not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        pytest.skip("Fashion-MNIST not installed (scripts/setup.sh)")
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "data_tools.make_shards", "fashion-mnist", str(out), "--samples-per-shard", "500",
+           "--workers", "1", "--no-progress"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("*.tar"))) < 3:
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    tars = sorted(t.name for t in out.glob("*.tar"))
+    assert not (out / "dataset.json").exists() and verify_shards.main([str(out)]) == 1
+    capsys.readouterr()
+
+    run = tmp_path / "run"
+    argv = ["recipe=demo", "data.val=", f"output_dir={run}", "model.depth=1", "train.max_steps=1",
+            "log.knn_every_steps=0", "log.viz_images=0", "data.num_workers=0", "train.batch_size=8"]  # fmt: skip
+    assert pretrain.main(argv + [f"data.train={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and "unfinished make_shards build" in err[0]
+        and "re-running the same make_shards" in err[0]
+    )
+    pattern = f"{out}/train-{{000000..{len(tars) - 1:06d}}}.tar"
+    assert pattern in err[0] and not run.exists()
+    assert pretrain.main(argv + [f"data.train={pattern}"]) == 0  # the shards named: the user's choice
+
+    assert make_shards.main(["fashion-mnist", str(out), "--samples-per-shard", "500", "--workers", "1",
+                             "--no-progress"]) == 0  # fmt: skip
+    loader = build_train_loader(data_cfg(num_workers=0), source=str(out), img_size=28, in_chans=1,
+                                batch_size=500, augment="mae", seed=0, rank=0, world_size=1)  # fmt: skip
+    assert loader.num_samples == 60000
+    (out / "extra.tar").write_bytes((out / "train-000000.tar").read_bytes())  # not in the manifest
+    with pytest.raises(DataError, match="does not match its manifest"):
+        build_train_loader(data_cfg(num_workers=0), source=str(out), img_size=28, in_chans=1,
+                           batch_size=500, augment="mae", seed=0, rank=0, world_size=1)  # fmt: skip
 
 
 def test_make_shards_never_writes_into_its_source_nor_a_used_directory(tmp_path, capsys):

@@ -30,6 +30,9 @@ from .transforms import sample_seed
 
 log = logging.getLogger("mae.data")
 MANIFEST = MANIFESTS[0]
+BUILD_STATE = (
+    ".make_shards.json"  # data_tools.make_shards' progress: present and not complete = unfinished build
+)
 MISSING = "__missing__"  # marks the place of a sample a shard lacks (shorter than its manifest says)
 
 
@@ -64,6 +67,7 @@ def resolve_shards(source: str) -> ShardSet:
     """A shard directory, a brace pattern, pipe: commands, or several joined with '::' -> ShardSet."""
     if os.path.isdir(source):
         manifest = read_manifest(source)
+        check_complete(source, manifest)
         if manifest is not None:
             urls = [os.path.join(source, s["name"]) for s in manifest["shards"]]
         else:
@@ -81,6 +85,54 @@ def resolve_shards(source: str) -> ShardSet:
         log.info("no shard manifest for %s: counting samples in %d shards", source, len(urls))
         sizes = [count_tar_samples(u) for u in urls]
     return ShardSet(urls, sizes, classes, num_classes)
+
+
+def check_complete(directory: str, manifest: dict | None) -> None:
+    """Refuse (DataError) a shard directory that is not whole: an unfinished make_shards build (a `.partial`
+    shard, progress recorded but no finished manifest) or shards that do not match the manifest (a .tar it does
+    not list, a size it does not record). To train on a part of it, the user names the shards (a brace pattern)."""
+    names = sorted(e.name for e in os.scandir(directory) if e.name.endswith((".tar", ".partial")))
+    tars = [n for n in names if n.endswith(".tar")]
+    partial = [n for n in names if n.endswith(".partial")]
+    state = _read_json(os.path.join(directory, BUILD_STATE))
+    if partial or (state is not None and not state.get("complete")):
+        cut = f", {partial[0]} cut short" if partial else ""
+        raise DataError(
+            f"data source {directory!r} is an unfinished make_shards build ({len(tars)} shard(s) written{cut}): "
+            "finish it by re-running the same make_shards command" + _pattern_hint(directory, tars)
+        )
+    if manifest is None:
+        return
+    listed = {s["name"]: s for s in manifest["shards"]}
+    extra = [n for n in tars if n not in listed]
+    wrong = [n for n, s in listed.items() if "bytes" in s and os.path.isfile(os.path.join(directory, n))
+             and os.path.getsize(os.path.join(directory, n)) != s["bytes"]]  # fmt: skip
+    if extra or wrong:
+        what = f"{extra[0]} is not in it" if extra else f"{wrong[0]} is not the size it records"
+        raise DataError(f"data source {directory!r} does not match its manifest {MANIFEST} ({what}): re-run "
+                        "make_shards, or check the directory with python -m data_tools.verify_shards")  # fmt: skip
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pattern_hint(directory: str, tars: list[str]) -> str:
+    """'; to train on the finished shards alone, name them: DIR/train-{000000..000004}.tar' when they are
+    numbered one after another (make_shards' names)."""
+    parts = [t[: -len(".tar")].rpartition("-") for t in tars]
+    if not parts or any(p[0] != parts[0][0] or not p[2].isdigit() for p in parts):
+        return ""
+    numbers = [int(p[2]) for p in parts]
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        return ""
+    return (f"; to train on the finished shards alone, name them: "
+            f"{directory}/{parts[0][0]}-{{{parts[0][2]}..{parts[-1][2]}}}.tar")  # fmt: skip
 
 
 def _sizes_from_manifests(urls: list[str]):
