@@ -273,10 +273,25 @@ def resolve_compile(value: str, device_type: str) -> tuple[str | None, str]:
     return "default", "train.compile=auto on cuda"
 
 
-def to_yaml(cfg: DictConfig, derived: Derived | None = None) -> str:
+def record_of(
+    cfg: DictConfig, derived: Derived | None = None, resolved: Mapping[str, Any] | None = None
+) -> dict:
+    """What a run records as its config (config.yaml): the resolved config, with the values the task found in
+    the data (`resolved`, dotted keys: model.num_classes=0 -> the classes found) and the derived values."""
     data = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in (resolved or {}).items():
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     if derived is not None:
         data = {**data, "derived": asdict(derived)}
+    return data
+
+
+def to_yaml(cfg: DictConfig | dict, derived: Derived | None = None) -> str:
+    data = cfg if isinstance(cfg, dict) else record_of(cfg, derived)
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -342,16 +357,49 @@ IDENTITY_KEYS = (
 )
 
 
-def check_compatible(cfg: DictConfig, existing_yaml: Path) -> None:
-    """Refuse to resume into an output_dir whose saved config describes a different model."""
-    old = _flatten(load_yaml(existing_yaml))
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+# Keys whose change on resume would change what the weights mean, not how they go on training: the inputs they
+# were trained to read (normalisation, the label mapping) and the decoder's target. Refused on resume.
+TRAINED_WITH_KEYS = ("data.mean", "data.std", "data.reduce_zero_label", "model.norm_pix_loss")
+
+# Keys that change how a run is carried out, not what it computes: neither recorded as a change nor refused.
+RUNTIME_KEYS = (
+    "output_dir", "checkpoint.resume", "checkpoint.keep", "checkpoint.max_requeues", "checkpoint.stop_check_s",
+    "checkpoint.lock_wait_s", "log.progress", "log.wandb", "log.wandb_project", "log.tensorboard",
+    "data.num_workers", "data.decode", "train.compile", "model.attn_backend", "model.grad_checkpointing",
+)  # fmt: skip
+
+
+def flatten(d: Mapping) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a config (or config.yaml's content) as dotted keys."""
+    return _flatten(dict(d))
+
+
+def check_compatible(new: dict[str, Any], old: dict[str, Any], out: Path, found: Iterable[str] = ()) -> None:
+    """Refuse to use an output_dir whose recorded run (`old`, flat) is of another task or model than `new`.
+    `found`: keys whose value this run took from its data (model.num_classes=0); a recorded 0 (runs from before
+    the count was recorded) says nothing."""
     diffs = [k for k in IDENTITY_KEYS if k in old and old[k] != new.get(k)]
+    diffs = [k for k in diffs if not (k == "model.num_classes" and old[k] == 0)]
     if old.get("task") and old.get("task") != new.get("task"):
         diffs.insert(0, "task")
     if diffs:
         k = diffs[0]
+        now = f"{new.get(k)!r}" + (" (found in the data)" if k in found else "")
         raise ConfigError(
-            f"output_dir {existing_yaml.parent} holds another run ({k}={old.get(k)!r}, now {new.get(k)!r}); "
+            f"output_dir {out} holds another run ({k}={old.get(k)!r}, now {now}); "
             "choose a new output_dir or checkpoint.resume=false with an empty directory"
         )
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded, now)} of the settings (and derived values) whose values differ between a recorded run and
+    this one; runtime keys and keys the record does not have (added since it was written) left out."""
+    return {
+        k: (old[k], new[k])
+        for k in new
+        if k in old and k not in RUNTIME_KEYS and _plain(old[k]) != _plain(new[k])
+    }
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v

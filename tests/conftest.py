@@ -83,3 +83,14 @@ def run_dir(path: Path, state: dict, keys: list[str], step: int = 2) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"))
     (path / "checkpoint-last").symlink_to(ckpt.name)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as the suite's subprocesses: fp32 results then agree bit for bit."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -49,6 +49,11 @@ def num_classes_of(cfg: DictConfig, loader) -> int:
     return n
 
 
+def found(cfg: DictConfig, num_classes: int) -> dict:
+    """model.num_classes=0 takes the count from the data: recorded as the run's own, checked on resume."""
+    return {} if cfg.model.num_classes else {"model.num_classes": num_classes}
+
+
 def val_evaluator(cfg: DictConfig, acc: Accelerator):
     """(model, step) -> {top1, top5, val_loss} over all of data.val, each rank scoring its own part (in
     lockstep when the model is sharded)."""

@@ -83,4 +83,5 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         init_weights=lambda: load_init(model, cfg.model.init, log),
         evaluate=classify.val_evaluator(cfg, acc),
         on_eval=best_keeper(cfg, acc, log),
+        record=classify.found(cfg, num_classes),
     )

@@ -50,4 +50,5 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         init_weights=init_weights,
         evaluate=classify.val_evaluator(cfg, acc),
         on_eval=best_keeper(cfg, acc, log),
+        record=classify.found(cfg, num_classes),
     )

@@ -167,4 +167,6 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         init_weights=init_weights,
         evaluate=seg_evaluator(cfg, acc, num_classes, log),
         on_eval=best_keeper(cfg, acc, log, metric="miou", label="mIoU"),
+        # model.num_classes=0: the count found in the masks, recorded and checked on resume like the sizes
+        record={} if m.num_classes else {"model.num_classes": num_classes},
     )

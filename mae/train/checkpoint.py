@@ -8,10 +8,11 @@ Layout of a run directory:
                                       state.pt            optimizer (keyed by parameter name), scaler, step, epoch
                                                           (weights_only-loadable)
                                       rng-rank{R}.pt      each process's RNG states
+                                      config.yaml         the settings these weights were trained with
                                       meta.json           step, epoch, time; written last
     output_dir/checkpoint-last -> checkpoint-00001000     symlink, replaced atomically
 
-    output_dir/checkpoint-best/       model.safetensors, meta.json (step, the metric)   the best evaluation so far
+    output_dir/checkpoint-best/       model.safetensors, config.yaml, meta.json (step, the metric)   the best so far
 
 A checkpoint is written into `checkpoint-XXXXXXXX.tmp` and renamed when complete, so a directory with the
 final name is always whole; leftovers of an interrupted write are removed on the next start. Nothing is
@@ -34,7 +35,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mae.runs.files import atomic_dir, atomic_text, fsync_dir, recover_dir, replace_dir
-from mae.runs.record import BEST, LAST, CheckpointError, ckpt_name, latest_checkpoint, list_checkpoints  # noqa: F401
+from mae.runs.record import (  # noqa: F401
+    BEST,
+    CONFIG,
+    LAST,
+    CheckpointError,
+    ckpt_name,
+    latest_checkpoint,
+    list_checkpoints,
+    recorded_config,
+)
 from mae.train import state as st
 from mae.train.runtime import TrainingError
 
@@ -77,14 +87,17 @@ def write_rank_files(tmp: Path, rank: int) -> None:
     _torch_save(st.rng_state(), tmp / f"rng-rank{rank}.pt")
 
 
-def write_main_files(tmp: Path, model_state: dict, train_state: dict, meta: dict) -> None:
-    """Rank 0: weights (safetensors), optimizer & counters, and meta.json last."""
+def write_main_files(tmp: Path, model_state: dict, train_state: dict, meta: dict, record: str = "") -> None:
+    """Rank 0: weights (safetensors), optimizer & counters, the config the weights were trained with (`record`,
+    config.yaml), and meta.json last."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     except SafetensorError as e:  # e.g. "I/O error: No space left on device (os error 28)"
         raise OSError(f"writing model.safetensors: {_first_line(e)}") from None
     _torch_save(train_state, tmp / "state.pt")
+    if record:
+        (tmp / CONFIG).write_text(record)
     with open(tmp / "meta.json", "w") as f:
         json.dump({**meta, "time": time.time()}, f)
         f.flush()
@@ -134,6 +147,15 @@ def load_train_state(ckpt: Path, rank: int) -> tuple[dict, dict, dict | None]:
     return model_state, train_state, rng
 
 
+def checkpoint_step(ck: Path) -> int:
+    """The step a complete checkpoint holds (its meta.json), read without loading it."""
+    try:
+        return int(json.loads((ck / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ck}/meta.json cannot be read ({_first_line(e)}); move {ck.name} out of "
+                              f"{ck.parent} to resume from an earlier checkpoint") from None  # fmt: skip
+
+
 def truncate_metrics(path: Path, last_step: int) -> int:
     """Drop metric rows logged after `last_step` (work lost with the process); returns rows dropped."""
     if not path.is_file():
@@ -168,12 +190,11 @@ class Checkpointer:
         self.out, self.acc, self.sharded, self.keep = Path(out), acc, sharded, keep
         self.any_rank, self.log = any_rank, log
 
-    def save(
-        self, step: int, model: torch.nn.Module, optimizer, groups: list[dict], train: dict, meta: dict
-    ) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer, groups: list[dict], train: dict, meta: dict,
+             record: str = "") -> Path:  # fmt: skip
         """All ranks: an atomic checkpoint of `step`: weights, optimizer state (by parameter name), `train`
-        (scaler, counters) and `meta` in meta.json. A failure on any rank raises TrainingError on all, leaving
-        the previous checkpoint as it was."""
+        (scaler, counters), the run's config (`record`) and `meta` in meta.json. A failure on any rank raises
+        TrainingError on all, leaving the previous checkpoint as it was."""
         tmp = tmp_dir(self.out, step)
         main = self.acc.is_main_process
         err: OSError | None = None
@@ -195,7 +216,9 @@ class Checkpointer:
         model_state = st.model_state(model) if gather else None
         optim_state = st.optimizer_state(model, st.inner_optimizer(optimizer), groups) if gather else None
         if main:
-            attempt(partial(write_main_files, tmp, model_state, {"optimizer": optim_state, **train}, meta))
+            attempt(
+                partial(write_main_files, tmp, model_state, {"optimizer": optim_state, **train}, meta, record)
+            )
         del model_state, optim_state
         self._raise_if_any_failed(err, step)
         if main:
@@ -215,7 +238,14 @@ class Checkpointer:
         (step, epoch, bad_samples, scaler, world_size). Settings of the optimizer's groups that differ from the
         checkpoint's are said in one line each."""
         model_state, train_state, rng = load_train_state(path, self.acc.process_index)
-        st.load_model_state(model, model_state)
+        try:
+            st.load_model_state(model, model_state)
+        except (
+            RuntimeError
+        ) as e:  # a size the config does not pin (a run recorded before its class count was)
+            why = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
+            raise CheckpointError(f"{path} does not fit the model this run builds ({why}); use a new "
+                                  "output_dir, or the settings it was trained with") from None  # fmt: skip
         del model_state
         try:
             changes = st.load_optimizer_state(model, optimizer, groups, train_state.pop("optimizer"))
@@ -256,9 +286,12 @@ def best_keeper(cfg, acc, log=print, metric: str = "top1", label: str = "top-1")
 
 
 def save_best(out: Path, state: dict, meta: dict) -> Path:
-    """Write the weights `state` (model_state of the model) and `meta` to out/checkpoint-best/, atomically."""
+    """Write the weights `state` (model_state of the model), the run's config as it trained them and `meta` to
+    out/checkpoint-best/, atomically."""
     with atomic_dir(out / BEST, tmp=out / f"{BEST}.tmp") as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if (out / CONFIG).is_file():
+            (tmp / CONFIG).write_bytes((out / CONFIG).read_bytes())
         (tmp / "meta.json").write_text(json.dumps(meta))
     return out / BEST

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mae.config import ConfigError, Derived, check_compatible, derive, resolve_compile, to_yaml
+from mae.config import Derived, derive, flatten, record_of, resolve_compile, setting_changes, to_yaml
+from mae.runs.record import describe_changes, recorded_config, refuse_trained_with, resume_point, write_record
 from mae.train import checkpoint as ckpt
 from mae.train import fsdp, trackers
 from mae.train.meter import Meter, loader_hint
@@ -62,24 +63,12 @@ class Task:
     # after a commit: on rank 0, or on every rank when the model is sharded (its forward is collective)
     on_checkpoint: Callable[[nn.Module, Path, int], None] | None = None
     on_eval: Callable[[nn.Module, dict, int], None] | None = None  # after each evaluation (all ranks)
+    # what the config left to the data, recorded as the run's own values and checked on resume like the rest
+    # (model.num_classes=0: the classes the task found), as dotted keys
+    record: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def prepare_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path | None:
-    """Validate the run directory and return the checkpoint to resume from (None = fresh start)."""
-    out = Path(cfg.output_dir)
-    saved = out / "config.yaml"
-    latest = ckpt.latest_checkpoint(out)
-    if saved.is_file():
-        check_compatible(cfg, saved)
-    if latest is not None and not cfg.checkpoint.resume:
-        raise ConfigError(
-            f"output_dir {out} has checkpoints and checkpoint.resume=false; choose an empty output_dir"
-        )
-    accelerator.wait_for_everyone()
-    return latest if cfg.checkpoint.resume else None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -141,7 +130,9 @@ class Trainer:
             "world_size": self.acc.num_processes,
         }
         meta = {"step": self.step, "epoch": train["epoch"], "task": self.cfg.task}
-        final = self.checkpoints.save(self.step, self.raw_model, self.optimizer, self.groups, train, meta)
+        final = self.checkpoints.save(
+            self.step, self.raw_model, self.optimizer, self.groups, train, meta, self.record_text
+        )
         if self.task.on_checkpoint is not None and (self.acc.is_main_process or self.sharded):
             self.task.on_checkpoint(self.raw_model, final, self.step)
         return final
@@ -227,7 +218,16 @@ class Trainer:
 
     def run(self) -> int:
         cfg, acc, d = self.cfg, self.acc, self.derived
-        resume_from = prepare_output_dir(cfg, acc)
+        record = record_of(cfg, d, self.task.record)
+        resume_from = resume_point(self.out, flatten(record), cfg.checkpoint.resume, self.task.record)
+        acc.wait_for_everyone()
+        changes = {}
+        if resume_from is not None:
+            changes = setting_changes(recorded_config(resume_from) or {}, flatten(record))
+            done = ckpt.checkpoint_step(resume_from)
+            if done >= d.total_steps:
+                return self._finished(done, changes)  # nothing runs: nothing is written
+            refuse_trained_with(self.out, changes)
         if resume_from is None and self.task.init_weights is not None:
             self.task.init_weights()  # model.init: a fresh start only
         elif resume_from is not None and cfg.model.init:
@@ -243,10 +243,10 @@ class Trainer:
                 self.log(f"removed incomplete checkpoint {p.name} (interrupted write)")
             if resume_from is None and (dropped := ckpt.truncate_metrics(self.metrics_path, 0)):
                 self.log(f"dropped {dropped} metrics rows of an earlier attempt that left no checkpoint")
-            (self.out / "config.yaml").write_text(to_yaml(cfg, d))
         acc.wait_for_everyone()
         if resume_from is not None:
             self.resume(resume_from)
+        self._write_record(record, changes)
         self.log(
             f"{cfg.task}: {acc.num_processes} process(es) on {acc.device.type}"
             f"{' (FSDP: parameters, gradients and optimizer state sharded)' if self.sharded else ''}, "
@@ -256,10 +256,6 @@ class Trainer:
             f"{', overridden by train.lr' if cfg.train.lr > 0 else ''}); {d.steps_per_epoch} steps/epoch, "
             f"{d.total_steps} steps ({d.epochs:.2f} epochs), {d.warmup_steps} warmup"
         )
-        if self.step >= d.total_steps:
-            self.log(f"already complete at step {self.step}; outputs in {self.out}")
-            return 0
-
         self._prove_attention()
         model = self._compile(self.raw_model)
         if self.sharded:  # already distributed: Accelerate wraps the optimizer only, autocast is the loop's
@@ -278,6 +274,27 @@ class Trainer:
         finally:
             self.stop.restore()
             acc.end_training()
+
+    def _finished(self, step: int, changes: dict[str, tuple]) -> int:
+        """A re-run of a finished run: nothing trains, nothing is written; settings given for it are not applied,
+        and it says which."""
+        self.log(f"already complete at step {step}; outputs in {self.out}")
+        if describe_changes(changes, derived=False):
+            self.log(
+                f"not applied (the run is finished; nothing was run or written): "
+                f"{describe_changes(changes, derived=False)}; to train with them, start a new output_dir with "
+                f"model.init={self.out}"
+            )
+        return 0
+
+    def _write_record(self, record: dict, changes: dict[str, tuple]) -> None:
+        """Once the run is known to start or resume: config.yaml (what the weights are trained with from here on,
+        also written into each checkpoint) and the history of changed settings (mae.runs.record)."""
+        self.record_text = to_yaml(record)
+        if self.acc.is_main_process:
+            said = write_record(self.out, self.record_text, self.step, changes)
+            if said:
+                self.log(said)
 
     def _loop(self) -> int:
         cfg, d = self.cfg, self.derived

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mae.config import ConfigError
-from mae.runs.record import load_run_config, resolve_checkpoint
+from mae.runs.record import checkpoint_config, resolve_checkpoint
 
 
 def default_patch_size(name: str) -> int:
@@ -160,8 +160,8 @@ def load_run_model(path: str | Path):
     """(MaskedAutoencoder in eval mode with the run's latest weights, the run's config)."""
     from safetensors.torch import load_file
 
-    ck, run = resolve_checkpoint(path)
-    cfg = load_run_config(run)
+    ck, _ = resolve_checkpoint(path)
+    cfg = checkpoint_config(ck)  # what these weights were trained with
     model = build_mae(cfg)
     model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=True)
     return model.eval(), cfg
