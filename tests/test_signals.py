@@ -33,6 +33,7 @@ from _faults import (
     last_logged_step,
     logged_steps,
     partial,
+    read_by,
     rows,
     start,
     uninterrupted,
@@ -364,3 +365,50 @@ def test_relaunch_right_after_sigkill_is_not_locked_out(tmp_path, reference):
     assert again.returncode == 0, err[-3000:]
     assert "in use" not in log + err and "resumed from" in log
     assert_matches_reference(out, reference)
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+
+def _task_args(task: str) -> list[str]:
+    """A tiny run of `task` with its demo recipe's augmentation and regularisation (fine-tuning: also the ImageNet
+    recipe's Mixup / CutMix / RandAugment), 10 steps per epoch, 2 data workers, no evaluation."""
+    run = ["train.max_steps=14", "checkpoint.every_steps=100", "data.val=", *WORKERS]
+    if task == "segment":
+        tiny = ["recipe=segment_demo", "model.img_size=56", "model.patch_size=8", "model.depth=2",
+                "model.embed_dim=32", "model.num_heads=2", "model.seg_channels=8", "data.epoch_samples=80",
+                "train.batch_size=8", "train.precision=fp32", "log.every_steps=1", "log.progress=false"]  # fmt: skip
+        return tiny + run
+    recipe = {"pretrain": "demo", "finetune": "finetune_demo", "linprobe": "linprobe_demo"}[task]
+    args = read_by(task, TINY_FMNIST) + [f"recipe={recipe}", "data.epoch_samples=160"]
+    if task == "finetune":
+        args += ["train.mixup=0.8", "train.cutmix=1.0", "data.auto_augment=rand-m9-mstd0.5-inc1"]
+    return args + run
+
+
+@needs_fmnist
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment"])
+def test_every_task_stopped_mid_epoch_by_a_group_sigterm_resumes_to_the_uninterrupted_weights(tmp_path, task):
+    """Drop path, Mixup / CutMix, RandAugment, random erasing and the segmentation augmentation draw from random
+    generators that the checkpoint restores; nothing else may draw from them after the restore (a segmentation
+    run once diverged from step 7: its loader drew from torch's global generator on resume)."""
+    args, env = _task_args(task), {"MAE_FAULT_TASK": task}
+    ref = tmp_path / "reference"
+    r = start(args + [f"output_dir={ref}"], **env)
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err[-3000:]
+
+    out = tmp_path / "run"
+    p = start(args + [f"output_dir={out}"], **env)
+    wait_until("step 2", lambda: last_logged_step(out) >= 2, p)
+    signal_group(p, signal.SIGTERM)
+    log, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    step = assert_stopped_at_checkpoint(out, log, "SIGTERM")
+    assert step % 10, f"stopped at the epoch boundary {step}"
+    again = start(args + [f"output_dir={out}"], **env)
+    log, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resumed from {ckpt(out, step)} at step {step}" in log
+    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(ref)]
+    assert_same_weights(weights(ckpt(out, 14)), weights(ckpt(ref, 14)))

@@ -185,9 +185,12 @@ def _good_and_bad(items):
 
 
 def _data_loader(dataset, num_workers: int, **kw) -> torch.utils.data.DataLoader:
+    # A generator of its own: a DataLoader draws its workers' base seed from torch's global generator each time
+    # it is iterated, which a resumed run does at another moment than the uninterrupted one (mid-epoch, after
+    # the checkpoint restored the generator drop path reads). Every transform seeds itself per sample.
     return _DataLoader(
         dataset, num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
-        pin_memory=torch.cuda.is_available(), **kw,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0), **kw,
     )  # fmt: skip
 
 

@@ -32,7 +32,13 @@ def prove(backend: str, device: torch.device, dtype: torch.dtype, num_heads: int
     size or a dtype is caught as well as one that lacks an operator. Cached: once per process.
     """
     try:
-        qkv = torch.randn(2, 16, 3 * num_heads * head_dim, device=device, dtype=dtype, requires_grad=True)
+        # a generator of its own: the proof runs after a resumed run restored the global ones (drop path's)
+        gen = torch.Generator(device=device).manual_seed(0)
+        qkv = (
+            torch.randn(2, 16, 3 * num_heads * head_dim, device=device, generator=gen)
+            .to(dtype)
+            .requires_grad_()
+        )
         out = attend(qkv, num_heads, head_dim**-0.5, backend)
         out.float().square().mean().backward()
         if device.type == "cuda":
