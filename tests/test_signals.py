@@ -412,3 +412,62 @@ def test_every_task_stopped_mid_epoch_by_a_group_sigterm_resumes_to_the_uninterr
     assert f"resumed from {ckpt(out, step)} at step {step}" in log
     assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(ref)]
     assert_same_weights(weights(ckpt(out, 14)), weights(ckpt(ref, 14)))
+
+
+# ------------------------------------------------------------------------------------------------ evaluations
+
+
+def _scenes(root, n: int) -> str:
+    """n test scenes of fashion-mnist-scenes as an images/ + masks/ folder."""
+    from mae.data.segmentation import pair_source
+
+    src = pair_source("fashion-mnist-scenes:test", train=False, reduce_zero_label=False)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        canvas, mask = src.draw(i)
+        Image.fromarray(canvas).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    return str(root)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("what", ["evaluation", "k-NN monitor"])
+def test_a_stop_signal_during_a_long_evaluation_checkpoints_within_seconds_and_the_resume_redoes_it(
+    tmp_path, what
+):
+    """Once the segmentation demo's SIGTERM waited 235 s for its evaluation of 2,000 scenes: SLURM's grace period
+    is 30 s. Here the evaluation takes two minutes (6 batches, each 20 s slower): the group SIGTERM lands in it,
+    the run abandons it at the next batch, checkpoints the step and exits 0 long before the evaluation could have
+    ended; the re-run (at full speed) runs it first, writes the step's row with its figures once, and goes on."""
+    mark = tmp_path / "evaluating"
+    if what == "evaluation":
+        args = _task_args("segment") + [f"data.val={_scenes(tmp_path / 'val', 48)}", "data.epoch_samples=32",
+                                        "train.max_steps=6", "train.eval_every=1"]  # fmt: skip
+        env, key = {"MAE_FAULT_TASK": "segment"}, "miou"
+    else:
+        args = TINY_FMNIST + WORKERS + ["data.val=fashion-mnist:test", "log.knn_every_steps=4",
+                                        "log.knn_train_samples=1280", "log.knn_val_samples=256",
+                                        "train.max_steps=6", "checkpoint.every_steps=100"]  # fmt: skip
+        env, key = {}, "knn_top1"
+    out = tmp_path / "run"
+    args += [f"output_dir={out}"]
+    p = start(args, MAE_FAULT_EVAL_DELAY="20", MAE_FAULT_EVAL_MARK=str(mark), **env)
+    try:
+        wait_until("an evaluation under way", mark.exists, p, timeout=600)
+        signal_group(p, signal.SIGTERM)
+        log, err = p.communicate(timeout=60)  # the evaluation alone takes two minutes
+    finally:
+        if p.poll() is None:
+            kill(p)
+    assert p.returncode == 0, err[-3000:]
+    assert f"stop signal during the {what} at step 4: abandoned" in log
+    assert complete(out) == [4] and partial(out) == [] and stop_step(log, "SIGTERM") == 4
+    assert logged_steps(out) == [1, 2, 3]  # step 4's row waits for its evaluation
+
+    again = start(args, **env)
+    log, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert "resumed from" in log and "running the evaluations a stop signal interrupted" in log
+    assert logged_steps(out) == list(range(1, 7))
+    assert [r["step"] for r in rows(out) if key in r] == ([4, 6] if what == "evaluation" else [4])

@@ -76,6 +76,8 @@ def extract_features(
             f = features(images.to(device))
         feats.append(F.normalize(f.float(), dim=1).cpu())
         labels.append(y.cpu())
+    if not feats:  # a loader that yielded nothing (ended by a stop signal)
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(labels)
 
 

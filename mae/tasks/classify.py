@@ -62,6 +62,7 @@ def val_evaluator(cfg: DictConfig, acc: Accelerator):
     from mae.data import build_eval_loader
     from mae.eval.metrics import classifier_accuracy, in_lockstep
     from mae.train.fsdp import is_sharded
+    from mae.train.runtime import Interrupted, Watch
 
     if not cfg.data.val:
         return None
@@ -75,9 +76,13 @@ def val_evaluator(cfg: DictConfig, acc: Accelerator):
         return acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0
 
     def evaluate(model, step: int) -> dict:
-        batches = in_lockstep(loader, any_rank, shape) if is_sharded(model) else loader
-        return classifier_accuracy(
+        watch = Watch(loader)  # a stop signal ends it early; every rank then raises Interrupted together
+        batches = in_lockstep(watch, any_rank, shape) if is_sharded(model) else watch
+        scores = classifier_accuracy(
             model, batches, acc.device, acc.autocast, lambda t: acc.reduce(t, reduction="sum")
         )
+        if any_rank(watch.stopped):
+            raise Interrupted
+        return scores
 
     return evaluate

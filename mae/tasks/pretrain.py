@@ -57,9 +57,12 @@ def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
     """k-NN top-1 of the encoder's mean patch features: memory bank from labelled data.train, queries
     from data.val. Runs on rank 0 (small sets) while the other ranks wait; a sharded (FSDP) model's forward
     is collective, so there every rank extracts the same features and rank 0 scores them."""
+    import torch
+
     from mae.data import build_eval_loader, train_split
     from mae.eval.metrics import extract_features, knn_top1, mean_patch_features
     from mae.train.fsdp import is_sharded
+    from mae.train.runtime import Interrupted, Watch
 
     if cfg.log.knn_every_steps <= 0:
         return None
@@ -73,17 +76,33 @@ def knn_monitor(cfg: DictConfig, acc: Accelerator, data_kw: dict):
     if bank.num_classes == 0:
         raise ConfigError(f"log.knn_every_steps > 0 needs labels in data.train ({cfg.data.train!r} has none)")
 
+    def any_rank(flag: bool) -> bool:
+        return acc.reduce(torch.tensor(float(flag), device=acc.device), reduction="sum").item() > 0
+
+    def features(model):
+        """(bank features, labels, query features, labels), or None when a stop signal ended the extraction.
+        Sharded, every rank extracts the same batches and they agree at each one whether to go on."""
+        model.eval()
+        fn, agree = mean_patch_features(model), any_rank if is_sharded(model) else None
+        out = []
+        for loader in (bank, queries):
+            watch = Watch(loader, agree)
+            out += extract_features(fn, watch, acc.device, acc.autocast)
+            if watch.stopped:
+                return None
+        return out
+
     def monitor(model, step: int) -> dict:
-        result = {}
+        result, stopped = {}, False
         if acc.is_main_process or is_sharded(model):
-            model.eval()
-            fn = mean_patch_features(model)
-            train_f, train_y = extract_features(fn, bank, acc.device, acc.autocast)
-            test_f, test_y = extract_features(fn, queries, acc.device, acc.autocast)
-        if acc.is_main_process:
-            result = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=cfg.log.knn_k)}
+            feats = features(model)
+            stopped = feats is None
+        if acc.is_main_process and not stopped:
+            result = {"knn_top1": knn_top1(*feats, k=cfg.log.knn_k)}
             print(f"k-NN top-1 at step {step}: {result['knn_top1']:.2f}%", flush=True)
         acc.wait_for_everyone()
+        if any_rank(stopped) if acc.num_processes > 1 else stopped:
+            raise Interrupted
         return result
 
     return monitor

@@ -42,6 +42,7 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
     from mae.eval.metrics import confusion_matrix, segmentation_scores
     from mae.models.segmentation import segment_logits
     from mae.runs.files import atomic_text
+    from mae.train.runtime import Interrupted, Watch
 
     if not cfg.data.val:
         return None
@@ -61,7 +62,8 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
         model.eval()
         conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=acc.device)
         bad = torch.zeros((), dtype=torch.int64, device=acc.device)
-        for items, n_bad in loader:
+        watch = Watch(loader)  # a stop signal ends it early; every rank then raises Interrupted together
+        for items, n_bad in watch:
             bad += n_bad
             by_shape: dict[tuple, list] = {}
             for img, mask, _ in items:  # images of one size go through the model together
@@ -78,6 +80,8 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
                     conf += confusion_matrix(lg[0].argmax(0), mask, num_classes)
         conf = acc.reduce(conf, reduction="sum")
         bad = int(acc.reduce(bad, reduction="sum").item())
+        if acc.reduce(torch.tensor(float(watch.stopped), device=acc.device), reduction="sum").item():
+            raise Interrupted
         scores = segmentation_scores(conf.cpu())
         if acc.is_main_process:
             per_class = {n: {"iou": i, "acc": a} for n, i, a in zip(names, scores["iou"], scores["acc"])}

@@ -147,10 +147,11 @@ def load_train_state(ckpt: Path, rank: int) -> tuple[dict, dict, dict | None]:
     return model_state, train_state, rng
 
 
-def checkpoint_step(ck: Path) -> int:
-    """The step a complete checkpoint holds (its meta.json), read without loading it."""
+def checkpoint_step(ck: Path) -> tuple[int, bool]:
+    """(the step a complete checkpoint holds, whether evaluations of it are pending), from its meta.json."""
     try:
-        return int(json.loads((ck / "meta.json").read_text())["step"])
+        meta = json.loads((ck / "meta.json").read_text())
+        return int(meta["step"]), bool(meta.get("pending"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ck}/meta.json cannot be read ({_first_line(e)}); move {ck.name} out of "
                               f"{ck.parent} to resume from an earlier checkpoint") from None  # fmt: skip

@@ -35,6 +35,7 @@ from mae.train.optim import build_optimizer, lr_at
 from mae.train.runtime import (
     STOP,
     ControlGroup,
+    Interrupted,
     StopExchange,
     TrainingError,
     fmt_time,
@@ -85,6 +86,7 @@ class Trainer:
         self.derived: Derived = derive(cfg, accelerator.num_processes, task.loader.steps_per_epoch)
         self.step = 0
         self.bad_samples = 0
+        self.pending: dict | None = None  # evaluations of this step that a stop signal interrupted
         self.hinted = False  # the loader advice is given once per process
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         self.cores = len(os.sched_getaffinity(0)) // local  # this process's share of the machine's cores
@@ -107,13 +109,14 @@ class Trainer:
             self.acc.scaler.load_state_dict(train_state["scaler"])
         self.step = int(train_state["step"])
         self.bad_samples = int(train_state.get("bad_samples", 0))
+        self.pending = train_state.get("pending")
         if train_state.get("world_size") not in (None, self.acc.num_processes):
             self.log(
                 f"warning: resuming a {train_state['world_size']}-process run on {self.acc.num_processes} "
                 "processes: the data order from here on differs from the original run"
             )
-        if self.acc.is_main_process:
-            dropped = ckpt.truncate_metrics(self.metrics_path, self.step)
+        if self.acc.is_main_process:  # a pending step's row is written when its evaluations have run
+            dropped = ckpt.truncate_metrics(self.metrics_path, self.step - bool(self.pending))
             if dropped:
                 self.log(f"dropped {dropped} metrics rows logged after step {self.step} (work since lost)")
         self.log(f"resumed from {path} at step {self.step}")
@@ -129,7 +132,14 @@ class Trainer:
             "bad_samples": self.bad_samples,
             "world_size": self.acc.num_processes,
         }
-        meta = {"step": self.step, "epoch": train["epoch"], "task": self.cfg.task}
+        if self.pending:  # evaluations a stop signal interrupted, and the metrics row they belong to
+            train["pending"] = self.pending
+        meta = {
+            "step": self.step,
+            "epoch": train["epoch"],
+            "task": self.cfg.task,
+            "pending": bool(self.pending),
+        }
         final = self.checkpoints.save(
             self.step, self.raw_model, self.optimizer, self.groups, train, meta, self.record_text
         )
@@ -224,8 +234,8 @@ class Trainer:
         changes = {}
         if resume_from is not None:
             changes = setting_changes(recorded_config(resume_from) or {}, flatten(record))
-            done = ckpt.checkpoint_step(resume_from)
-            if done >= d.total_steps:
+            done, pending = ckpt.checkpoint_step(resume_from)
+            if done >= d.total_steps and not pending:
                 return self._finished(done, changes)  # nothing runs: nothing is written
             refuse_trained_with(self.out, changes)
         if resume_from is None and self.task.init_weights is not None:
@@ -270,6 +280,8 @@ class Trainer:
         try:
             if model is not self.raw_model:
                 self._log_first_step_once()
+            if self.pending and (stopped := self._run_pending()) is not None:
+                return stopped
             return self._loop()
         finally:
             self.stop.restore()
@@ -368,6 +380,23 @@ class Trainer:
             per_step, eta = meter.pace(self.step)  # the first ETA, long before the first log line
             self.log(f"pace: {per_step:.2f} s/step over {PACE_STEPS} steps; ETA {fmt_time(eta)}")
         with meter.paused():
+            if not self._evaluations(row, monitor_due, eval_due):
+                return self._stop_for_evaluation(row, monitor_due, eval_due, meter.start_step)
+            if row:
+                self.write_row(row)
+            signum = self._should_stop()
+            if final or signum or self.step % cfg.checkpoint.every_steps == 0:
+                path = self.save()
+                self.log(f"checkpoint {path}")
+        if signum:
+            return self._stopped(signum, meter.start_step)
+        return None
+
+    def _evaluations(self, row: dict, monitor_due: bool, eval_due: bool) -> bool:
+        """The monitor and the evaluation due at this step, their figures into `row`; False when a stop signal
+        abandoned them (every rank alike: the task's evaluators agree on it)."""
+        task = self.task
+        try:
             if monitor_due:
                 row.update(task.monitor(self.raw_model, self.step))
                 self.model.train()
@@ -379,14 +408,35 @@ class Trainer:
                 self.log(f"eval at step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 if task.on_eval is not None:
                     task.on_eval(self.raw_model, metrics, self.step)
-            if row:
-                self.write_row(row)
-            signum = self._should_stop()
-            if final or signum or self.step % cfg.checkpoint.every_steps == 0:
-                path = self.save()
-                self.log(f"checkpoint {path}")
-        if signum:
-            return self._stopped(signum, meter.start_step)
+        except Interrupted:
+            self.model.train()
+            return False
+        return True
+
+    def _stop_for_evaluation(self, row: dict, monitor_due: bool, eval_due: bool, start_step: int) -> int:
+        """A stop signal during the step's evaluations: checkpoint the step with them pending (its metrics row
+        kept for them) and exit; the resumed run runs them first (`_run_pending`)."""
+        self.pending = {"row": row, "monitor": monitor_due, "evaluate": eval_due}
+        signum = self.ranks.max([self.stop.signum])[0] or signal.SIGTERM  # a rank the signal missed agrees
+        what = " and ".join(w for w, due in (("k-NN monitor", monitor_due), ("evaluation", eval_due)) if due)
+        self.log(
+            f"stop signal during the {what} at step {self.step}: abandoned; it runs when the run resumes"
+        )
+        self.log(f"checkpoint {self.save()}")
+        return self._stopped(signum, start_step)
+
+    def _run_pending(self) -> int | None:
+        """After resuming from a checkpoint whose evaluations a stop signal interrupted: run them, write the step's
+        metrics row, and checkpoint the step again without them pending. Returns an exit code if stopped again."""
+        p = self.pending
+        row = dict(p["row"])
+        self.log(f"step {self.step}: running the evaluations a stop signal interrupted")
+        if not self._evaluations(row, p["monitor"], p["evaluate"]):
+            return self._stop_for_evaluation(row, p["monitor"], p["evaluate"], self.step)
+        if row:
+            self.write_row(row)
+        self.pending = None
+        self.log(f"checkpoint {self.save()}")
         return None
 
     def _log_row(self, meter: Meter) -> dict:

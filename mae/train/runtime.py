@@ -160,6 +160,31 @@ class _Stop:
 STOP = _Stop()
 
 
+class Interrupted(Exception):
+    """A stop signal arrived during an evaluation or the k-NN monitor: abandoned on every rank, the step is
+    checkpointed and the evaluation runs again when the run resumes."""
+
+
+class Watch:
+    """The batches of an evaluation until a stop signal arrives; then the iteration ends early and `stopped` is
+    true. Evaluations that take minutes (a test set, sliding windows) so end within a batch of the signal, inside
+    a cluster's grace period. `agree(flag)` (a collective, true on every rank when true on any) is asked at each
+    batch where every rank iterates the same batches in lockstep (a sharded model's forward is collective)."""
+
+    def __init__(self, batches, agree=None):
+        self.batches, self.agree, self.stopped = batches, agree, False
+
+    def __iter__(self):
+        for batch in self.batches:
+            stop = bool(STOP.signum)
+            if self.agree is not None:
+                stop = self.agree(stop)
+            if stop:
+                self.stopped = True
+                return
+            yield batch
+
+
 class StopExchange:
     """When the ranks of a multi-process run compare their stop flags (a CPU all-reduce, which every rank must
     reach before any goes on). Every step would tie the hosts of all ranks together at every step; every k
