@@ -14,24 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from types import SimpleNamespace
-
-import numpy as np
-import torch
-from PIL import Image
-
-from data_tools import make_shards
-from mae.data import build_train_loader, build_transform
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
 def make_images(root: str, n: int, size: tuple[int, int], classes: int = 4) -> None:
     """n JPEGs (quality 90) of `size`, random crops of real photos resized, in `classes` class folders."""
+    import numpy as np
     import skimage.data
+    from PIL import Image
 
     photos = [getattr(skimage.data, p)() for p in PHOTOS]
     rng = np.random.default_rng(0)
@@ -79,6 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
+    import torch  # after the arguments: --help answers without it
+
+    from data_tools import make_shards
+    from mae.data import build_train_loader, build_transform
+
     size = tuple(int(v) for v in args.size.lower().split("x"))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +131,9 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    from mae.cli import exit_with
+
+    exit_with(main, "data_tools.bench")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What every training command shares: `--help` (usage, recipes, the keys used most), `--print-config` (the
 resolved configuration and the derived values, nothing trained or written), and running a task on the engine
-with its errors turned into exit codes (`run_task`).
+with its errors turned into exit codes (`run_task`); and what every command shares, its way out on Ctrl-C and
+SIGTERM (`exit_with`).
 
 `--help` reads only recipes/*.yaml and the task's declared keys, so it answers before torch is imported.
 """
@@ -220,6 +221,48 @@ def command(task: str, doc: str | None):
         return run_task(task, argv, doc)
 
     def cli() -> None:
-        sys.exit(main())
+        exit_with(main, f"mae-{task}", "a re-run resumes from the last checkpoint")
 
     return main, cli
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every command's way out
+
+
+class Stopped(BaseException):
+    """SIGTERM reached a command outside a training loop (which stops by itself at a step). A BaseException, as
+    KeyboardInterrupt: the `except Exception` of a library's optional import must not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def exit_with(main, prog: str, after: str = "nothing was written") -> None:
+    """The console entry of every command: exit with `main()`'s status. Ctrl-C (SIGINT) and SIGTERM end a
+    command with one line saying so (`after`: what is left) and the shell's status for the signal (130, 143),
+    never a traceback; outputs are written so that an interrupted command leaves none half-made. A training
+    loop takes both signals over while it runs (it checkpoints the step and exits itself)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = _stopped(prog, signal.SIGINT, after)
+    except Stopped as e:
+        code = _stopped(prog, e.signum, after)
+    sys.exit(code)
+
+
+def _stopped(prog: str, signum: int, after: str) -> int:
+    import signal
+
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"{prog}: interrupted ({name}); {after}", file=sys.stderr, flush=True)
+    return 128 + signum

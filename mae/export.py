@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    from mae.cli import exit_with
+
+    exit_with(main, "mae-export")
 
 
 if __name__ == "__main__":

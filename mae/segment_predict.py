@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    from mae.cli import exit_with
+
+    exit_with(main, "mae-segment-predict")
 
 
 if __name__ == "__main__":

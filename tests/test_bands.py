@@ -387,3 +387,14 @@ def test_docs_quote_the_stats_tool_output_on_fashion_mnist(capsys):
     quoted = text.split("```text\nfashion-mnist:", 1)[1].split("```", 1)[0]
     assert stats.main(["fashion-mnist"]) == 0
     assert capsys.readouterr().out == "fashion-mnist:" + quoted
+
+
+def test_stats_tool_refuses_mixed_band_counts_naming_the_counts(tmp_path, capsys):
+    """15 of 25 files of another band count were once called "unreadable", with exit 0 and statistics of the rest."""
+    write_files(tmp_path / "images", "npy-float32-chw", 4, n=10)
+    write_files(tmp_path / "images", "tif-uint16-planar", 3, n=15, seed=1, classes=("c",))
+    assert stats.main([str(tmp_path / "images"), "--in-chans", "4", "--samples", "0", "--workers", "2"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "mixes band counts: 10 readable sample(s) with 4, 15 with 3" in err[0], err
+    assert "data.mean" not in captured.out

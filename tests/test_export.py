@@ -183,3 +183,34 @@ def test_timm_export_of_an_odd_non_square_encoder(tmp_path):
         torch.testing.assert_close(
             vit.forward_features(imgs), model.forward_features(imgs), rtol=0, atol=1e-5
         )
+
+
+def test_a_segmentation_run_exports_and_embeds_its_encoder_and_says_in_one_line_what_it_cannot(
+    tmp_path, capsys
+):
+    """`mae-export` of a segmentation run once ended at `...VisionTransformer:`. Its encoder (which has no final
+    norm: the heads read the blocks' outputs) goes to timm and gives there the features mae-embed gives; a full
+    MAE (--to hf, --to mae) it cannot give, and one complete line says why."""
+    from mae.embed import Embedder
+    from mae.weights.build import build_segmenter
+
+    keys = ["recipe=segment_demo", "model.img_size=32", "model.patch_size=8", "model.depth=2",
+            "model.embed_dim=32", "model.num_heads=2", "model.seg_channels=8", "model.num_classes=3",
+            "model.in_chans=3", "data.mean=[0.5]", "data.std=[0.25]"]  # fmt: skip
+    torch.manual_seed(0)
+    run = _run_dir(tmp_path, build_segmenter(load_config(keys), 3).eval(), keys)
+    out = tmp_path / "timm"
+    assert main([str(run), str(out), "--to", "timm"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    theirs = timm.create_model(config["architecture"], pretrained=True, num_classes=0, **config["model_args"],
+                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), first_conv=None))  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), Embedder.from_pretrained(run)(x), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    for to in ("hf", "mae"):
+        assert main([str(run), str(tmp_path / to), "--to", to]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "a segmentation run's weights" in err[0] and err[0].endswith("--to timm"), (
+            err
+        )

@@ -113,7 +113,7 @@ def _bad_sources(root: Path, run: Path) -> dict:
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     save_file({"embeddings.word_embeddings.weight": torch.zeros(4, 4)}, str(other / "model.safetensors"))
     return {
-        "notes.pth": "cannot read .* as a weights-only checkpoint",
+        "notes.pth": "is not a weights file \\(not a PyTorch checkpoint",
         "cut.safetensors": "cannot read .* as safetensors",
         "optimizer.pt": "holds no model weights",
         "bert": "is a Hugging Face 'bert' model directory",

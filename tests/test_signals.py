@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 from _faults import (
@@ -40,7 +41,7 @@ from _faults import (
     wait_until,
     weights,
 )
-from conftest import TWO_CPU_PROCESSES, needs_fmnist
+from conftest import TWO_CPU_PROCESSES, needs_fmnist, run_dir
 from PIL import Image
 
 from data_tools.make_shards import main as make_shards
@@ -471,3 +472,98 @@ def test_a_stop_signal_during_a_long_evaluation_checkpoints_within_seconds_and_t
     assert "resumed from" in log and "running the evaluations a stop signal interrupted" in log
     assert logged_steps(out) == list(range(1, 7))
     assert [r["step"] for r in rows(out) if key in r] == ([4, 6] if what == "evaluation" else [4])
+
+
+# ------------------------------------------------------------------------------------------------ every command
+
+
+def _tool_runs(root):
+    """(a pretraining run, a segmentation run that predicts by sliding 32 px windows 4 px apart) of tiny models,
+    as the training loop leaves them, and a 1024 px image."""
+    from mae.models import create_mae
+    from mae.tasks import load_config
+    from mae.weights.build import build_segmenter
+
+    keys = read_by("pretrain", TINY_FMNIST)
+    model = create_mae("mae_vit_tiny_patch16", img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=2,
+                       num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    pre = run_dir(root / "pre", model.state_dict(), keys)
+    seg_keys = ["recipe=segment_demo", "model.img_size=32", "model.patch_size=8", "model.depth=2",
+                "model.embed_dim=32", "model.num_heads=2", "model.seg_channels=8", "model.num_classes=3",
+                "train.eval_mode=slide", "train.eval_stride=4"]  # fmt: skip
+    seg = run_dir(root / "seg", build_segmenter(load_config(seg_keys), 3).state_dict(), seg_keys)
+    (root / "big").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024), dtype=np.uint8)).save(
+        root / "big" / "a.png"
+    )
+    return pre, seg
+
+
+def _command(name: str, root, pre, seg) -> tuple[list[str], str]:
+    """(argv after `python -m`, the output it must not leave half-made) of a command busy for many seconds."""
+    out = str(root / f"out-{name}")
+    return {
+        "mae-embed": (["mae.embed", str(pre), "fashion-mnist", out, "--workers", "1"], out),
+        "mae-segment-predict": (["mae.segment_predict", str(seg), str(root / "big"), out], out),
+        "mae-export": (["mae.export", str(pre), out, "--to", "hf"], out),
+        "mae-viz": (["mae.viz", str(pre), str(root / "big" / "a.png"), "--out", out + ".png"], out + ".png"),
+        "mae-bench": (
+            [
+                "mae.bench",
+                "--model",
+                "mae_vit_tiny_patch16",
+                "--img-size",
+                "32",
+                "--batch",
+                "2",
+                "--steps",
+                "100000",
+                "--device",
+                "cpu",
+            ],
+            out,
+        ),  # fmt: skip
+        "make_shards": (
+            ["data_tools.make_shards", "fashion-mnist", out, "--workers", "1", "--no-progress"],
+            out,
+        ),
+        "mae-data-stats": (["data_tools.stats", "fashion-mnist", "--samples", "0", "--workers", "1"], out),
+    }[name]
+
+
+def _torch_loaded(pid: int) -> bool:
+    try:
+        return "libtorch" in open(f"/proc/{pid}/maps").read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tool_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    return (root, *_tool_runs(root))
+
+
+@needs_fmnist
+@pytest.mark.parametrize(
+    "name,sig",
+    [(n, signal.SIGINT) for n in ("mae-embed", "mae-segment-predict", "mae-export", "mae-viz", "mae-bench",
+                                  "make_shards", "mae-data-stats")]
+    + [("mae-embed", signal.SIGTERM), ("mae-segment-predict", signal.SIGTERM)],
+)  # fmt: skip
+def test_ctrl_c_or_sigterm_ends_every_command_with_one_line_and_nothing_half_written(tool_runs, name, sig):
+    """Ctrl-C on mae-embed once printed a 56-line traceback. Every command, stopped while it loads or works, says
+    so in one line and exits 130 (Ctrl-C) or 143 (SIGTERM); an output directory it was filling is not left."""
+    root, pre, seg = tool_runs
+    argv, out = _command(name, root, pre, seg)
+    p = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    wait_until("torch loaded", lambda: _torch_loaded(p.pid), p, timeout=120)
+    signal_group(p, sig)
+    log, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, (p.returncode, log[-2000:], err[-3000:])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: interrupted ("), err[-3000:]
+    assert "Traceback" not in log + err
+    if name != "make_shards":  # shards written so far are kept for the build to resume
+        assert not os.path.exists(out)

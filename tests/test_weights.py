@@ -53,7 +53,7 @@ class _Payload:
 
 def test_refuses_arbitrary_pickles_and_names_missing_paths(tmp_path):
     torch.save({"model": {"w": torch.ones(1)}, "x": _Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="weights-only"):
+    with pytest.raises(ValueError, match="is not a weights file: it holds more than tensors and plain data"):
         load_state_dict_any(tmp_path / "evil.pth")
     with pytest.raises(FileNotFoundError, match="nope"):
         load_state_dict_any(tmp_path / "nope.pth")
@@ -259,3 +259,22 @@ def test_load_mae_weights_other_resolution_keeps_own_tables(mae_model):
     load_mae_weights(model, mae_model.state_dict())
     assert torch.equal(model.blocks[3].attn.qkv.weight, mae_model.blocks[3].attn.qkv.weight)
     assert torch.equal(model.pos_embed[0], sincos_pos_embed_2d(192, 6))
+
+
+def test_a_file_that_is_not_weights_says_so_in_one_line_and_never_advises_loading_it_unsafely(tmp_path):
+    """A text file named .pth once gave `...weights-only checkpoint: 101`; other non-weights files repeated
+    torch's advice that weights_only=False "will likely succeed" (it would run code from the file)."""
+    import pickle
+
+    (tmp_path / "notes.pth").write_text("101\n")
+    torch.save({"model": {"w": torch.ones(1)}, "x": _Payload()}, tmp_path / "objects.pth")
+    with open(tmp_path / "plain.pth", "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, says in (("notes.pth", "not a PyTorch checkpoint"), ("objects.pth", "more than tensors"),
+                       ("plain.pth", "more than tensors"), ("empty.pth", "an empty file")):  # fmt: skip
+        with pytest.raises(ValueError) as e:
+            load_state_dict_any(tmp_path / name)
+        msg = str(e.value)
+        assert "\n" not in msg and f"{tmp_path / name} is not a weights file" in msg and says in msg, msg
+        assert "weights_only" not in msg and "succeed" not in msg and "trust" not in msg, msg

@@ -116,8 +116,16 @@ def decode_bands(data: bytes, ext: str, in_chans: int | None = None) -> torch.Te
     `in_chans`, a file of another band count raises ImageDecodeError naming both numbers."""
     a, how = read_array(data, ext)
     if in_chans is not None and a.shape[2] != in_chans:
-        raise ImageDecodeError(band_mismatch(a.shape[2], in_chans, how))
+        raise BandMismatch(a.shape[2], in_chans, how)
     return torch.from_numpy(np.ascontiguousarray(scale_array(a).transpose(2, 0, 1)))
+
+
+class BandMismatch(ImageDecodeError):
+    """A TIFF / .npy sample of another band count than model.in_chans (`bands`: its count)."""
+
+    def __init__(self, bands: int, in_chans: int, how: str):
+        super().__init__(band_mismatch(bands, in_chans, how))
+        self.bands = bands
 
 
 def band_mismatch(bands: int, in_chans: int, how: str) -> str:

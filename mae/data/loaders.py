@@ -118,6 +118,15 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def pool_worker_signals() -> None:
+    """The initializer of a multiprocessing pool's workers (the data tools'): SIGTERM as the default (Pool.terminate
+    stops them so, also when the parent had a Python handler of its own, which a returning or raising one would
+    turn into a hang or a traceback per worker) and SIGINT ignored (Ctrl-C reaches the whole group; the parent
+    stops the pool)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _DataLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers ignore the stop signals from their first instruction: they are forked with
     the signals blocked (a signal landing between fork and worker_init waits, then is ignored), and the

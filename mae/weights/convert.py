@@ -20,11 +20,23 @@ TIMM_ARCH = {  # (embed_dim, depth, num_heads) -> timm architecture
     (1024, 24, 16): "vit_large_patch16_224",
     (1280, 32, 16): "vit_huge_patch14_224",
 }
+SEGMENTATION_HEADS = (
+    "decode_head.",
+    "neck.",
+    "aux_head.",
+)  # a segmentation run's own layers, not its encoder
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 128: 4, 256: 8, 512: 16}  # width -> heads
 
 
 class ExportError(ValueError):
     """A user-facing problem with the source or the options (one line, exit code 2)."""
+
+
+def _without_decoder(sd: dict) -> str:
+    """What a source without a decoder is, for the message."""
+    if any(k.startswith(SEGMENTATION_HEADS) for k in sd):
+        return "a segmentation run's weights: its encoder and heads"
+    return "a classifier's weights" if "head.weight" in sd else "encoder-only weights"
 
 
 def _first_line(e: BaseException) -> str:
@@ -123,17 +135,23 @@ def export_timm(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path
     import timm
     from safetensors.torch import save_file
 
-    encoder = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+    encoder = {
+        k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", *SEGMENTATION_HEADS))
+    }
     num_classes = encoder["head.weight"].shape[0] if "head.weight" in encoder else 0
-    global_pool = "avg" if "fc_norm.weight" in encoder else "token"
+    unnormed = "norm.weight" not in encoder and "fc_norm.weight" not in encoder  # a segmentation encoder
+    global_pool = "avg" if "fc_norm.weight" in encoder or unnormed else "token"
     model_args = timm_model_args(args, global_pool)
+    if unnormed:  # its heads read the blocks' outputs as they are: timm without a final norm does the same
+        model_args.update(final_norm=False, fc_norm=False)
     arch = timm_architecture(model_args["embed_dim"], model_args["depth"], model_args["num_heads"])
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
     try:  # proves the file loads into timm before it is written
         model.load_state_dict(encoder, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ExportError(f"the encoder does not load into timm's VisionTransformer: {first}") from e
+        raise ExportError(
+            f"the encoder does not load into timm's VisionTransformer: {_first_line(e)}"
+        ) from None
     C, mean, std = args["in_chans"], extras.get("mean"), extras.get("std")
     if mean is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if C == 3 else ([0.5] * C, [0.5] * C)
@@ -208,9 +226,8 @@ def export_hf(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
     except ImportError:
         raise ExportError("--to hf needs transformers: pip install 'mae[hf]'") from None
     if "decoder_embed.weight" not in sd:
-        raise ExportError(
-            "the source has no decoder (encoder-only weights); --to hf needs a full MAE checkpoint"
-        )
+        raise ExportError(f"the source has no decoder ({_without_decoder(sd)}); --to hf writes a full MAE: "
+                          "export the encoder with --to timm")  # fmt: skip
     if isinstance(args["img_size"], (tuple, list)) or isinstance(args["patch_size"], (tuple, list)):
         raise ExportError("Hugging Face ViTMAE needs square images and patches")
     model = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_dict(args, extras.get("mask_ratio", 0.75))))
@@ -234,8 +251,8 @@ def export_mae(sd: dict, args: dict, extras: dict, out_dir: str | Path) -> Path:
     from mae.models import MaskedAutoencoder
 
     if "decoder_embed.weight" not in sd:
-        raise ExportError("the source has no decoder (encoder-only weights); --to mae writes a full MAE: export "
-                          "the encoder with --to timm")  # fmt: skip
+        raise ExportError(f"the source has no decoder ({_without_decoder(sd)}); --to mae writes a full MAE: "
+                          "export the encoder with --to timm")  # fmt: skip
     with torch.device("meta"):
         try:  # complete and consistent
             MaskedAutoencoder(**args).load_state_dict(sd, strict=True, assign=True)

@@ -179,6 +179,15 @@ def load_encoder(source, img_size=None, in_chans=None, mean=None, std=None, crop
     from mae.models import VisionTransformer
 
     model = VisionTransformer(num_classes=0, global_pool=global_pool, **kw)
+    if "norm.weight" not in sd and "fc_norm.weight" not in sd and "patch_embed.proj.weight" in sd:
+        # an encoder trained without a final norm (a segmentation run's: its heads read the blocks' outputs as
+        # they are): its features are those, not the output of a norm it never trained
+        from torch import nn
+
+        model.norm = nn.Identity()
+        (log or print)(
+            "  the source has no final norm (a segmentation encoder): features of the last block as is"
+        )
     try:
         check_architecture(model, sd, arch)
         result = load_weights(model, sd, keep_head=False)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,16 +82,41 @@ def _shards(index: Path) -> list[Path]:
 
 
 def _torch_load(path: Path) -> object:
-    """torch.load with weights_only=True; argparse.Namespace is allowed (the reference's checkpoints hold one)."""
+    """torch.load with weights_only=True; argparse.Namespace is allowed (the reference's checkpoints hold one). A
+    file that is not a checkpoint of tensors and plain data is a ValueError saying so in one line: its objects are
+    never loaded (torch's own advice, to load it unsafely, would run code from the file)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # a zip archive (torch.save) or a pickle (the legacy format)
+        what = "an empty file" if not head else "neither a zip archive nor a pickle"
+        raise ValueError(f"{path} is not a weights file (not a PyTorch checkpoint: {what})")
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     try:
-        if safe_globals is None:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
+            if safe_globals is None:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            with safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = next((ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in str(e).splitlines()
+                        if "WeightsUnpickler error:" in ln), None)  # fmt: skip
+        if refused is not None or "Weights only load failed" in str(e):
+            what = refused.split(" was not an allowed")[0].split(". ")[0].rstrip(".") if refused else ""
+            raise ValueError(
+                f"{path} is not a weights file: it holds more than tensors and plain data"
+                + (f" ({what})" if what else "")
+                + "; refused, never loaded (loading it could run code from the file)"
+            ) from None
+        raise ValueError(f"{path} is not a weights file (an unreadable pickle: {_first_line(e)})") from None
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read {path} as a weights-only checkpoint: {first_line}") from None
+        why = _first_line(e).split(". ")[0]  # torch's first sentence; the rest is its speculation
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint (cut short?): {why}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0].rstrip(":") if lines else type(e).__name__
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
