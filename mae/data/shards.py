@@ -89,8 +89,9 @@ def resolve_shards(source: str) -> ShardSet:
 
 def check_complete(directory: str, manifest: dict | None) -> None:
     """Refuse (DataError) a shard directory that is not whole: an unfinished make_shards build (a `.partial`
-    shard, progress recorded but no finished manifest) or shards that do not match the manifest (a .tar it does
-    not list, a size it does not record). To train on a part of it, the user names the shards (a brace pattern)."""
+    shard, progress recorded but no finished manifest) or a .tar its manifest does not list (the loader would
+    leave it out). To train on a part of it, the user names the shards (a brace pattern). A listed shard cut short
+    or damaged is bad data, skipped and counted as the loader reads it."""
     names = sorted(e.name for e in os.scandir(directory) if e.name.endswith((".tar", ".partial")))
     tars = [n for n in names if n.endswith(".tar")]
     partial = [n for n in names if n.endswith(".partial")]
@@ -103,14 +104,11 @@ def check_complete(directory: str, manifest: dict | None) -> None:
         )
     if manifest is None:
         return
-    listed = {s["name"]: s for s in manifest["shards"]}
+    listed = {s["name"] for s in manifest["shards"]}
     extra = [n for n in tars if n not in listed]
-    wrong = [n for n, s in listed.items() if "bytes" in s and os.path.isfile(os.path.join(directory, n))
-             and os.path.getsize(os.path.join(directory, n)) != s["bytes"]]  # fmt: skip
-    if extra or wrong:
-        what = f"{extra[0]} is not in it" if extra else f"{wrong[0]} is not the size it records"
-        raise DataError(f"data source {directory!r} does not match its manifest {MANIFEST} ({what}): re-run "
-                        "make_shards, or check the directory with python -m data_tools.verify_shards")  # fmt: skip
+    if extra:
+        raise DataError(f"data source {directory!r} does not match its manifest {MANIFEST} ({extra[0]} is not in "
+                        "it): re-run make_shards, or check the directory with python -m data_tools.verify_shards")  # fmt: skip
 
 
 def _read_json(path: str) -> dict | None:
