@@ -218,6 +218,7 @@ NOT_RUN = {
     ".venv/bin/python -m pytest tests/test_reliability.py": SUITE,
     ".venv/bin/python -m pytest tests/test_signals.py": SUITE,
     ".venv/bin/python -m pytest tests/test_slurm.py": SUITE,
+    ".venv/bin/python -m pytest tests/test_outputs.py tests/test_record.py": SUITE,
     # slurm/README.md
     "sbatch slurm/pretrain.sbatch recipe=vit_large train.epochs=1600": CLUSTER,
     "sbatch slurm/finetune.sbatch recipe=finetune_vit_base model.init=runs/mae-pretrain": CLUSTER,
