@@ -102,9 +102,8 @@ def recover_dir(final: Path) -> bool:
 # the output directories of the commands that write next to the user's data (predictions, embeddings, exports,
 # shards): never over an input, one writer at a time, a re-run replacing its own earlier output whole
 
-OUTPUT_RECORD = (
-    ".mae-output.json"  # which command wrote the directory and which files: what a re-run may replace
-)
+# which command wrote an output directory, and which files: what a re-run of that command may replace
+OUTPUT_RECORD = ".mae-output.json"
 _TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # unique_tmp's names: leftovers of a killed writer
 
 
@@ -149,7 +148,7 @@ def claimed_dir(path: Path, flag: str, check: Callable[[], object]) -> Iterator[
     no waiting: a second writer is refused naming the first). `check()` refuses (raising) what the directory
     holds: it runs before anything is made there and again under the lock; its result is yielded. A refused
     claim leaves nothing behind, and the lock file goes when the writer is done."""
-    from mae.runs.lock import OutputDirBusy, acquire, remove_if_unused
+    from mae.runs.lock import acquire, remove_if_unused
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -158,9 +157,7 @@ def claimed_dir(path: Path, flag: str, check: Callable[[], object]) -> Iterator[
     if not created:
         check()
     try:
-        lock = acquire(path, 0, name=flag, wait_key="")
-    except OutputDirBusy:
-        raise
+        lock = acquire(path, 0, name=flag, wait_key="")  # a busy directory raises OutputDirBusy (exit 2)
     except OSError as e:
         raise OutputError(f"{flag} {path} cannot be created or locked: {e.strerror or e}") from None
     try:
