@@ -29,7 +29,8 @@ from experiments.pixel_baselines import L2_SWEEP, linear_pixels, pixels  # noqa:
 from mae.data.loaders import SUBSET_SEED  # noqa: E402
 from mae.data.sources import label_subset  # noqa: E402
 from mae.eval.metrics import knn_top1  # noqa: E402
-from mae.weights.build import build_vit, load_run_config, resolve_checkpoint  # noqa: E402
+from mae.runs.record import load_run_config, resolve_checkpoint  # noqa: E402
+from mae.weights.build import build_vit  # noqa: E402
 from mae.weights.load import load_encoder_into_vit  # noqa: E402
 
 
