@@ -168,9 +168,9 @@ def test_scores(run: Path, test: Path) -> dict:
 
     from mae.data.detection import DetEvalLoader, det_source, det_transform
     from mae.eval.coco import coco_ap
+    from mae.runs.record import task_run
     from mae.tasks.detect import detect_results
     from mae.train.runtime import resolve_precision
-    from mae.runs.record import task_run
     from mae.weights.build import build_detector
 
     f = run / "test.json"

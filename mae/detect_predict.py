@@ -12,13 +12,17 @@ image's pixels, `score`, `segmentation` (RLE); `pycocotools.coco.COCO.loadRes` r
 --score-thresh (default 0.5; 0.05 to score with COCOeval) are left out of both. The run's recorded config decides
 channels, size and normalisation; the weights are its best by box AP (checkpoint-best/), or its latest checkpoint
 with --checkpoint last. An unreadable image is named on stderr, skipped and counted. A run that is not a detection
-run, an OUT_DIR that is INPUT or inside it, or no readable image: one line, exit 2.
+run, or no readable image: one line, exit 2.
+
+OUT_DIR may not be INPUT (or a COCO file's folder), lie inside it or hold it. Two images of one stem (a.jpg and
+a.png) keep their extensions in their overlays' names (a.jpg_overlay.png, a.png_overlay.png). An OUT_DIR holding
+other files is refused unless --overwrite; one holding this command's earlier output has it replaced whole. The
+files appear when every image is done (a stopped run leaves none); one run at a time writes into an OUT_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -39,57 +43,43 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", choices=("best", "last"), default="best", help="best by box AP (default) or latest"
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT_DIR that holds other files")
     args = p.parse_args(argv)
-    from PIL import Image
-
     from mae.config import ConfigError
     from mae.data import DataError
-    from mae.data.segmentation import BadPair, read_image_file
     from mae.device import resolve_device
-    from mae.eval.coco import to_results
-    from mae.eval.figures import detection_overlay
-    from mae.infer.detect import Inputs, check_out_dir, load_run, predict
+    from mae.infer.detect import Inputs, load_run, predict_all
+    from mae.runs.files import OutputDir
 
     try:
         if not 0 <= args.score_thresh <= 1:
             raise ConfigError(f"--score-thresh must be within [0, 1], got {args.score_thresh}")
         device = resolve_device(args.device, ConfigError)
         inputs = Inputs(args.input)
-        out = Path(args.out_dir)
-        check_out_dir(out, inputs, args.input)
-        model, cfg, categories, path = load_run(args.run_dir, args.checkpoint, device)
+        sources = {"INPUT": args.input, "RUN_DIR": args.run_dir}
+        if inputs.coco:  # a COCO file's images lie beside it, or in images/ beside it
+            sources["INPUT's dataset"] = str(inputs.root)
+        with OutputDir(args.out_dir, "mae-detect-predict", sources, overwrite=args.overwrite) as out:
+            inputs.reserve(out)
+            model, cfg, categories, path = load_run(args.run_dir, args.checkpoint, device)
+            found, done, bad = predict_all(model, cfg, categories, device, inputs, out, args.score_thresh)
+            if done:
+                out.commit()
     except (ConfigError, DataError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = [c["name"] for c in categories]
-    out.mkdir(parents=True, exist_ok=True)
-    results, done, bad = [], 0, 0
-    for (file, name, image_id), stem in zip(inputs.items, inputs.stems()):
-        try:
-            img = read_image_file(str(file), cfg.model.in_chans)
-        except BadPair as e:
-            bad += 1
-            print(f"skipping {e}", file=sys.stderr)
-            continue
-        det = predict(model, cfg, img, device)
-        keep = det["scores"] >= args.score_thresh
-        det = {k: v[keep] for k, v in det.items()}
-        results += to_results(det, categories, name, image_id)
-        (out / stem).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(detection_overlay(img, det, names).permute(1, 2, 0).numpy()).save(
-            out / f"{stem}_overlay.png"
-        )
-        done += 1
-    (out / "predictions.json").write_text(json.dumps(results))
+    out = Path(args.out_dir)
     print(
-        f"{done} image(s), {len(results)} detection(s) scoring {args.score_thresh:g} or more, with {path}: "
+        f"{done} image(s), {found} detection(s) scoring {args.score_thresh:g} or more, with {path}: "
         f"{out / 'predictions.json'} and the overlays" + (f"; {bad} unreadable, skipped" if bad else "")
     )
     return 0 if done else 2
 
 
 def cli() -> None:
-    sys.exit(main())
+    from mae.cli import exit_with
+
+    exit_with(main, "mae-detect-predict")
 
 
 if __name__ == "__main__":

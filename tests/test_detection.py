@@ -502,7 +502,7 @@ def test_results_round_trip_through_coco_loadres(tmp_path):
 
 
 def test_prediction_inputs_name_their_outputs_apart_and_outputs_stay_out_of_the_input(tmp_path, capsys):
-    from mae.infer.detect import Inputs, check_out_dir
+    from mae.infer.detect import Inputs
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -510,16 +510,22 @@ def test_prediction_inputs_name_their_outputs_apart_and_outputs_stay_out_of_the_
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / name)
     inputs = Inputs(str(folder))
     assert sorted(inputs.stems()) == ["a.jpg", "a.png", "b", "sub/a"]  # never two outputs to one name
-    with pytest.raises(ConfigError, match="inside INPUT"):
-        check_out_dir(folder / "sub" / "out", inputs, str(folder))
-    with pytest.raises(ConfigError, match="is INPUT"):
-        check_out_dir(folder, inputs, str(folder))
-    check_out_dir(tmp_path / "out", inputs, str(folder))
     fake = tmp_path / "seg_run"
     fake.mkdir()
     (fake / "config.yaml").write_text("task: segment\n")
     assert predict_main([str(fake), str(folder), str(tmp_path / "out")]) == 2
     assert "a 'segment' run, not a detect run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # a refused command leaves no directory
+    for out, said in (
+        (folder / "sub" / "out", "is inside INPUT"),
+        (folder, "is INPUT"),
+        (tmp_path, "holds INPUT"),
+    ):
+        assert predict_main([str(fake), str(folder), str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "a.jpg", "a.png", "b.png", "sub", "sub/a.png"
+    ]  # fmt: skip
 
 
 def tiny_args(out, **extra) -> list[str]:

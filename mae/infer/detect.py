@@ -62,22 +62,15 @@ class Inputs:
         clash = {s for s in plain if plain.count(s) > 1}
         return [name if s in clash else s for s, (_, name, _) in zip(plain, self.items)]
 
+    def reserve(self, out) -> None:
+        """Claim every output name in `out` (mae.runs.files.OutputDir) before anything is predicted."""
+        out.reserve("predictions.json", "the detections of every image")
+        for (file, _, _), stem in zip(self.items, self.stems()):
+            out.reserve(f"{stem}_overlay.png", str(file))
+
 
 def _is_coco_dir(p: Path) -> bool:
     return (p / "annotations.json").is_file() or (p / "annotations" / "instances_val2017.json").is_file()
-
-
-def check_out_dir(out: Path, inputs: Inputs, source: str) -> None:
-    """Outputs never replace inputs: OUT_DIR may be neither INPUT (or a COCO dataset's folder) nor inside it."""
-    roots = {Path(source).resolve()} | (
-        {inputs.root.resolve()} if inputs.coco or Path(source).is_dir() else set()
-    )
-    o = out.resolve()
-    for r in roots:
-        if r.is_dir() and (o == r or r in o.parents):
-            raise ConfigError(
-                f"OUT_DIR {out} is {'INPUT' if o == r else 'inside INPUT'} ({r}): choose another"
-            )
 
 
 def predict(model, cfg, img: torch.Tensor, device: torch.device) -> dict:
@@ -88,3 +81,32 @@ def predict(model, cfg, img: torch.Tensor, device: torch.device) -> dict:
     with torch.no_grad():
         (det,) = model(x[None].to(device), image_sizes=[part], original_sizes=[tuple(img.shape[1:])])
     return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in det.items()}
+
+
+def predict_all(model, cfg, categories: list[dict], device, inputs: Inputs, out, score_thresh: float):
+    """Every image of `inputs` into `out` (an OutputDir): its overlay, and its detections scoring `score_thresh`
+    or more into predictions.json. Returns (detections, images done, unreadable images)."""
+    from PIL import Image
+
+    from mae.data.segmentation import BadPair, read_image_file
+    from mae.eval.coco import to_results
+    from mae.eval.figures import detection_overlay
+
+    names = [c["name"] for c in categories]
+    results, done, bad = [], 0, 0
+    for (file, name, image_id), stem in zip(inputs.items, inputs.stems()):
+        try:
+            img = read_image_file(str(file), cfg.model.in_chans)
+        except BadPair as e:
+            bad += 1
+            print(f"skipping {e}", file=sys.stderr)
+            continue
+        det = predict(model, cfg, img, device)
+        keep = det["scores"] >= score_thresh
+        det = {k: v[keep] for k, v in det.items()}
+        results += to_results(det, categories, name, image_id)
+        overlay = detection_overlay(img, det, names).permute(1, 2, 0).numpy()
+        Image.fromarray(overlay).save(out.file(f"{stem}_overlay.png"), format="PNG")
+        done += 1
+    out.file("predictions.json").write_text(json.dumps(results))
+    return len(results), done, bad

@@ -59,11 +59,13 @@ def det_evaluator(cfg: DictConfig, acc: Accelerator, train_src, log=print):
     """(model, step) -> {box_ap, box_ap50, box_ap75, mask_ap} over all of data.val: each rank detects in its own
     block of images, rank 0 gathers the results and scores every image once with COCOeval; AP per category and
     COCOeval's tables go to output_dir/eval.json."""
+    import torch
     from accelerate.utils import broadcast_object_list, gather_object
 
     from mae.data import DataError
     from mae.data.detection import DetEvalLoader, check_categories, det_source, det_transform
     from mae.eval.coco import coco_ap
+    from mae.train.runtime import Interrupted, Watch
 
     if not cfg.data.val:
         return None
@@ -82,7 +84,10 @@ def det_evaluator(cfg: DictConfig, acc: Accelerator, train_src, log=print):
     gt = []  # the ground truth, built once on rank 0 at the first evaluation
 
     def evaluate(model, step: int) -> dict:
-        results, ids, bad = detect_results(model, loader, src, src.categories, acc.device, acc.autocast)
+        watch = Watch(loader)  # a stop signal ends it early; every rank then raises Interrupted together
+        results, ids, bad = detect_results(model, watch, src, src.categories, acc.device, acc.autocast)
+        if acc.reduce(torch.tensor(float(watch.stopped), device=acc.device), reduction="sum").item():
+            raise Interrupted
         results, ids, bad = gather_object(results), gather_object(ids), sum(gather_object([bad]))
         rows = [None]
         if acc.is_main_process:
@@ -170,4 +175,6 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         evaluate=det_evaluator(cfg, acc, src, log),
         on_checkpoint=on_checkpoint,
         on_eval=best_keeper(cfg, acc, log, metric="box_ap", label="box AP"),
+        # model.num_classes=0: the annotations' category count, recorded and checked on resume like the sizes
+        record={} if cfg.model.num_classes else {"model.num_classes": num_classes},
     )

@@ -34,7 +34,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     from mae.weights.load import load_init
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
-    loader, _, vit, model = classify.build_classifier(cfg, acc, AUGMENT, wrap=LinearProbe)
+    loader, num_classes, vit, model = classify.build_classifier(cfg, acc, AUGMENT, wrap=LinearProbe)
 
     def loss_fn(m, images, labels, step: int, micro: int):
         return F.cross_entropy(m(images).float(), labels, label_smoothing=cfg.train.smoothing)
