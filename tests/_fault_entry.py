@@ -26,6 +26,7 @@ if delay:
 
 eval_delay = float(os.environ.get("MAE_FAULT_EVAL_DELAY", "0") or 0)
 if eval_delay:
+    from mae.data.detection import DetEvalLoader
     from mae.data.loaders import EvalLoader
     from mae.data.segmentation import SegEvalLoader
 
@@ -41,7 +42,7 @@ if eval_delay:
 
         return slow_batches
 
-    for cls in (EvalLoader, SegEvalLoader):
+    for cls in (EvalLoader, SegEvalLoader, DetEvalLoader):
         cls.__iter__ = slowed(cls.__iter__)
 
 sys.exit(main(sys.argv[1:]))

@@ -680,3 +680,25 @@ def test_two_processes_score_every_image_once_as_one_process_does(tmp_path):
     assert json.loads((out / "eval.json").read_text())["detections"] == report["detections"]
     for k in ("box_ap", "box_ap50", "box_ap75", "mask_ap"):
         assert single[k] == pytest.approx(logged[k], abs=1e-4), k
+
+
+def test_exporting_or_embedding_a_detection_run_says_in_one_line_why_not(tmp_path, capsys):
+    """Its ViTDet backbone (relative position biases, no class token) is no ViT of timm, Hugging Face or the MAE
+    release: both commands name what the source is and what it serves, exit 2, and write nothing."""
+    from safetensors.torch import save_file
+
+    from mae.embed import main as embed_main
+    from mae.export import main as export_main
+    from mae.weights.build import build_detector
+
+    model = build_detector(load_config(tiny_args(tmp_path / "unused"), task="detect"), 3)
+    weights = tmp_path / "detector.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    for main, args in (
+        (export_main, [str(weights), str(tmp_path / "exported"), "--to", "timm"]),
+        (embed_main, [str(weights), "fashion-mnist:test", str(tmp_path / "embedded")]),
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a detection run's weights: its ViTDet backbone" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.safetensors"]

@@ -380,6 +380,12 @@ def _task_args(task: str) -> list[str]:
                 "model.embed_dim=32", "model.num_heads=2", "model.seg_channels=8", "data.epoch_samples=80",
                 "train.batch_size=8", "train.precision=fp32", "log.every_steps=1", "log.progress=false"]  # fmt: skip
         return tiny + run
+    if task == "detect":  # large-scale jitter, drop path, and the RPN's and RoI heads' sampling of proposals
+        tiny = ["recipe=detect_demo", "model.patch_size=8", "model.depth=2", "model.embed_dim=32",
+                "model.num_heads=2", "model.window_size=4", "model.fpn_channels=8", "model.drop_path=0.1",
+                "data.epoch_samples=40", "train.batch_size=4", "train.precision=fp32", "log.every_steps=1",
+                "log.progress=false"]  # fmt: skip
+        return tiny + run
     recipe = {"pretrain": "demo", "finetune": "finetune_demo", "linprobe": "linprobe_demo"}[task]
     args = read_by(task, TINY_FMNIST) + [f"recipe={recipe}", "data.epoch_samples=160"]
     if task == "finetune":
@@ -388,11 +394,12 @@ def _task_args(task: str) -> list[str]:
 
 
 @needs_fmnist
-@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment"])
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment", "detect"])
 def test_every_task_stopped_mid_epoch_by_a_group_sigterm_resumes_to_the_uninterrupted_weights(tmp_path, task):
-    """Drop path, Mixup / CutMix, RandAugment, random erasing and the segmentation augmentation draw from random
-    generators that the checkpoint restores; nothing else may draw from them after the restore (a segmentation
-    run once diverged from step 7: its loader drew from torch's global generator on resume)."""
+    """Drop path, Mixup / CutMix, RandAugment, random erasing, the segmentation augmentation, large-scale jitter and
+    the detector's proposal sampling draw from random generators that the checkpoint restores; nothing else may
+    draw from them after the restore (a segmentation run once diverged from step 7: its loader drew from torch's
+    global generator on resume)."""
     args, env = _task_args(task), {"MAE_FAULT_TASK": task}
     ref = tmp_path / "reference"
     r = start(args + [f"output_dir={ref}"], **env)
@@ -433,7 +440,7 @@ def _scenes(root, n: int) -> str:
 
 
 @needs_fmnist
-@pytest.mark.parametrize("what", ["evaluation", "k-NN monitor"])
+@pytest.mark.parametrize("what", ["evaluation", "k-NN monitor", "detection evaluation"])
 def test_a_stop_signal_during_a_long_evaluation_checkpoints_within_seconds_and_the_resume_redoes_it(
     tmp_path, what
 ):
@@ -446,6 +453,13 @@ def test_a_stop_signal_during_a_long_evaluation_checkpoints_within_seconds_and_t
         args = _task_args("segment") + [f"data.val={_scenes(tmp_path / 'val', 48)}", "data.epoch_samples=32",
                                         "train.max_steps=6", "train.eval_every=1"]  # fmt: skip
         env, key = {"MAE_FAULT_TASK": "segment"}, "miou"
+    elif what == "detection evaluation":
+        from experiments.detect_demo import write_scenes
+
+        write_scenes(tmp_path / "val", 24, "test")
+        args = _task_args("detect") + [f"data.val={tmp_path / 'val'}", "data.epoch_samples=16",
+                                       "train.max_steps=6", "train.eval_every=1"]  # fmt: skip
+        env, key = {"MAE_FAULT_TASK": "detect"}, "box_ap"
     else:
         args = TINY_FMNIST + WORKERS + ["data.val=fashion-mnist:test", "log.knn_every_steps=4",
                                         "log.knn_train_samples=1280", "log.knn_val_samples=256",
@@ -462,7 +476,7 @@ def test_a_stop_signal_during_a_long_evaluation_checkpoints_within_seconds_and_t
         if p.poll() is None:
             kill(p)
     assert p.returncode == 0, err[-3000:]
-    assert f"stop signal during the {what} at step 4: abandoned" in log
+    assert f"stop signal during the {what.removeprefix('detection ')} at step 4: abandoned" in log
     assert complete(out) == [4] and partial(out) == [] and stop_step(log, "SIGTERM") == 4
     assert logged_steps(out) == [1, 2, 3]  # step 4's row waits for its evaluation
 
@@ -471,7 +485,7 @@ def test_a_stop_signal_during_a_long_evaluation_checkpoints_within_seconds_and_t
     assert again.returncode == 0, err[-3000:]
     assert "resumed from" in log and "running the evaluations a stop signal interrupted" in log
     assert logged_steps(out) == list(range(1, 7))
-    assert [r["step"] for r in rows(out) if key in r] == ([4, 6] if what == "evaluation" else [4])
+    assert [r["step"] for r in rows(out) if key in r] == ([4] if what == "k-NN monitor" else [4, 6])
 
 
 # ------------------------------------------------------------------------------------------------ every command

@@ -25,11 +25,25 @@ SEGMENTATION_HEADS = (
     "neck.",
     "aux_head.",
 )  # a segmentation run's own layers, not its encoder
+DETECTION_PARTS = (
+    "pyramid.",
+    "rpn.",
+    "roi_heads.",
+)  # a detection run's own layers, beside its ViTDet backbone
+NOT_A_VIT = (
+    "a detection run's weights: its ViTDet backbone (window attention with relative position biases, no class "
+    "token) has no counterpart in timm's or Hugging Face's ViT or the MAE release"
+)
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 128: 4, 256: 8, 512: 16}  # width -> heads
 
 
 class ExportError(ValueError):
     """A user-facing problem with the source or the options (one line, exit code 2)."""
+
+
+def is_detection(sd: dict) -> bool:
+    """Whether a state dict is a detection model's (mae.models.detection.MaskRCNNViT)."""
+    return any(k.startswith(DETECTION_PARTS) or ".attn.rel_pos_" in k for k in sd)
 
 
 def _without_decoder(sd: dict) -> str:
@@ -86,6 +100,10 @@ def infer_mae_args(sd: dict, num_heads: int | None = None, decoder_num_heads: in
 def describe_source(source: str | Path, opts: argparse.Namespace | None = None) -> tuple[dict, dict, dict]:
     """(state dict in our names, MaskedAutoencoder arguments, extras: mask_ratio, mean, std, crop_pct)."""
     sd = load_state_dict_any(source)
+    if is_detection(sd):
+        raise ExportError(
+            f"{source} is {NOT_A_VIT}; it initialises another detection run (model.init={source})"
+        )
     args, extras = read_recorded(source)
     if args is None:
         args = infer_mae_args(sd, getattr(opts, "num_heads", None), getattr(opts, "decoder_num_heads", None))

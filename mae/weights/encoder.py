@@ -157,6 +157,12 @@ def load_encoder(source, img_size=None, in_chans=None, mean=None, std=None, crop
         extras = read_recorded(source)[1]
     except (ValueError, OSError, KeyError) as e:
         raise EmbedError(f"SOURCE {source} is not model weights: {_first_line(e)}") from None
+    from mae.weights.convert import NOT_A_VIT, is_detection
+
+    if is_detection(sd):
+        raise EmbedError(
+            f"SOURCE {source} is {NOT_A_VIT}; embed the encoder the detection run started from (its model.init)"
+        )
     if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
         raise EmbedError(f"SOURCE {source} holds no ViT encoder (no patch_embed.proj.weight / pos_embed)")
     if arch is None:
