@@ -438,3 +438,95 @@ def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
     assert finetune_main([*args, "train.max_steps=4", "train.optimizer=lars"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "the checkpoint holds adamw's state" in err
+
+
+# ---- every classifier initialises every task -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier_sources(tmp_path_factory, pretrained):
+    """The classifiers users bring, each as the command or library writes it: this toolkit's fine-tune and
+    linear-probe runs (2 steps from `pretrained`), the reference's mae_finetuned_vit_*.pth layout (fc_norm and
+    head, no final norm) and a timm fine-tuned export (timm's save_for_hf: fc_norm and head)."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    root = tmp_path_factory.mktemp("classifiers")
+    start = init_sources(root, pretrained)["run_dir"]
+    for name, main, recipe in (
+        ("finetune", finetune_main, "finetune_demo"),
+        ("linprobe", linprobe_main, "linprobe_demo"),
+    ):
+        args = [f"recipe={recipe}", *TINY_ARGS, f"model.init={start}", f"output_dir={root / name}"]
+        assert main([*args, "train.max_steps=2", "data.val="]) == 0
+    vit = build_vit(tiny_cfg(), 10)
+    load_init(vit, str(start), log=lambda *a: None)
+    torch.save({"model": vit.state_dict(), "epoch": 99}, root / "mae_finetuned_vit_tiny.pth")
+    model_args = dict(TINY, global_pool="avg", fc_norm=True)
+    tv = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **model_args)
+    tv.load_state_dict(vit.state_dict())
+    save_for_hf(tv, str(root / "timm_finetuned"), safe_serialization=True)
+    return {
+        "finetune run": (root / "finetune", {"fc_norm", "head"}),
+        "linprobe run": (root / "linprobe", {"norm", "head"}),
+        "reference mae_finetuned .pth": (root / "mae_finetuned_vit_tiny.pth", {"fc_norm", "head"}),
+        "timm fine-tuned export": (root / "timm_finetuned", {"fc_norm", "head"}),
+    }
+
+
+def _encoder_of(source) -> dict:
+    from mae.weights.formats import load_state_dict_any
+
+    return {k: v for k, v in load_state_dict_any(source).items() if k.startswith(("blocks.", "patch_embed."))}
+
+
+def _dropped(lines: list[str]) -> set[str]:
+    """The modules named by the one `dropped from the source` line among `lines`."""
+    found = [line for line in lines if "dropped from the source" in line]
+    assert len(found) == 1, lines
+    return {item.split(" (")[0] for item in found[0].split("): ", 1)[1].split(", ")}
+
+
+@pytest.mark.parametrize(
+    "kind", ["finetune run", "linprobe run", "reference mae_finetuned .pth", "timm fine-tuned export"]
+)
+def test_every_classifier_initialises_segmentation_detection_embeddings_pretraining_and_another_classifier(
+    classifier_sources, kind
+):
+    """What the target has no place for (a classifier's head and norms, a probe's head, the class token of a
+    detection backbone) is dropped and named in one line, whatever the target; the encoder's blocks load exactly,
+    into another image size too."""
+    from mae.embed import Embedder
+    from mae.weights.build import build_detector, build_segmenter
+
+    source, parts = classifier_sources[kind]
+    encoder_args = [a for a in TINY_ARGS if not a.startswith(("data.", "model.img_size"))]
+    seg_cfg = load_config(
+        ["recipe=segment_demo", *encoder_args, "model.img_size=56", "model.seg_channels=8"], task="segment"
+    )
+    det_cfg = load_config(
+        ["recipe=detect_demo", *encoder_args, "model.img_size=56", "model.fpn_channels=8"], task="detect"
+    )
+    targets = {  # the model, the source's parts it has a place for, and what it drops besides the source's
+        "segmentation at 56 px": (build_segmenter(seg_cfg, 11), set(), set()),
+        "detection at 56 px": (build_detector(det_cfg, 3), set(), {"cls_token"}),
+        "pretraining": (
+            create_mae(
+                "mae_vit_tiny_patch16", decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **TINY
+            ),
+            {"norm"},
+            set(),
+        ),
+        "a classifier of 7 classes": (build_vit(tiny_cfg(), 7), {"fc_norm"}, set()),
+    }
+    encoder = _encoder_of(source)
+    for what, (model, uses, besides) in targets.items():
+        lines = []
+        load_init(model, str(source), log=lines.append)
+        assert _dropped(lines) == (parts - uses) | besides, what
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in encoder.items()), what
+    notes = []
+    embedder = Embedder.from_pretrained(source, num_heads=2, log=notes.append)
+    assert _dropped(notes) == {"head"}
+    assert all(torch.equal(embedder.model.state_dict()[k], v) for k, v in encoder.items())

@@ -225,17 +225,17 @@ class MaskRCNNViT(BlockFeatures, nn.Module):
         self.rpn = build_rpn(channels, self.anchor_sizes, proposals)
         self.roi_heads = build_roi_heads(channels, num_classes, roi_samples, detections, 224 * patch // 16)
         self.init_weights()
-        # what model.init does not provide, and what a source may carry that this model has no place for (a
-        # classifier's head and norms, a segmentation head, the class token): mae.weights.adapt drops those unless a
-        # detection source of the same classes brings all of them
+        # what model.init does not provide: the heads and the relative position tables
         self.new_prefixes = (
             "pyramid.",
             "rpn.",
             "roi_heads.",
             *(f"blocks.{i}.attn.rel_pos_" for i in range(depth)),
         )
-        self.head_prefixes = ("pyramid.", "rpn.", "roi_heads.", "head.", "fc_norm.", "norm.", "cls_token",
-                              "decode_head.", "neck.", "aux_head.")  # fmt: skip
+        # the task's own output layers: loaded from a detection source only when all of them fit (its classes);
+        # what else a source carries that this model has no place for (a classifier's head and norms, the class
+        # token, a segmentation head, a MAE's decoder) mae.weights.adapt drops by its one rule, as for every model
+        self.head_prefixes = ("pyramid.", "rpn.", "roi_heads.")
 
     # mae.weights.adapt resamples the absolute table for another grid, as ViTDet does (a sin-cos table too)
     resample_pos_embed = True

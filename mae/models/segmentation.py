@@ -134,7 +134,7 @@ class SegmentationViT(VisionTransformer):
     # the parts model.init does not provide (a classifier's head / norms are the source's own, left out)
     new_prefixes = ("decode_head.", "neck.", "aux_head.", "head.", "fc_norm.", "norm.")
     # the task's own output layers: loaded from a segmentation source only when all of them fit (its classes)
-    head_prefixes = ("decode_head.", "neck.", "aux_head.", "head.")
+    head_prefixes = ("decode_head.", "neck.", "aux_head.")
 
     def __init__(
         self,

@@ -112,7 +112,40 @@ class LoadResult:
 
 
 _DECODER = ("decoder", "mask_token")  # MAE-only keys (ours and the reference's)
-_CLASSIFIER = ("head.", "fc_norm.")  # a classifier's own keys
+# what a source may hold besides the encoder's blocks: a classifier's head and norms (a fine-tune, a linear
+# probe, the reference's mae_finetuned_vit_*.pth, a timm export), the class token (ViTDet's backbone has none), a
+# MAE's decoder, a segmentation or detection model's heads. A target without a place for one of them leaves it
+# out, and one line names what was left out.
+_NOT_ENCODER = (
+    "head.", "fc_norm.", "norm.", "cls_token", *_DECODER,
+    "decode_head.", "neck.", "aux_head.", "pyramid.", "rpn.", "roi_heads.",
+)  # fmt: skip
+
+
+def unused_parts(
+    sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], heads: tuple[str, ...], keep_head: bool
+) -> list[str]:
+    """The source's keys a target leaves out: its head (`heads`, the task's own output layers) unless the
+    target keeps it and every one of its tensors fits, and any part of _NOT_ENCODER (a classifier's head and
+    norms, the class token, a MAE's decoder, another task's heads) the target has no place for. Everything else
+    must load, or it is an architecture error. One rule for every target: a MAE, a classifier, a linear probe's
+    encoder, a segmentation model, a detection backbone."""
+    head_fits = keep_head and all(
+        k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith(heads)
+    )
+    return sorted(
+        k for k in sd
+        if (heads and k.startswith(heads) and not head_fits) or (k.startswith(_NOT_ENCODER) and k not in own)
+    )  # fmt: skip
+
+
+def _modules(keys: list[str]) -> str:
+    """`fc_norm (2 tensors), head (2 tensors)`: the top-level modules of `keys`, the decoder's as one."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        name = "decoder" if k.startswith(_DECODER) else k.split(".")[0]
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} ({c} tensor{'s' * (c > 1)})" for n, c in sorted(counts.items()))
 
 
 def _blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -187,25 +220,22 @@ def load_weights(model: nn.Module, source: str | Path | Mapping, keep_head: bool
     adapting channels, patch size and position tables (module docstring). Raises ArchitectureMismatch for
     sizes that cannot be adapted and ValueError for other shape conflicts.
 
-    As the reference fine-tuning, a ViT under global pooling drops the source's final `norm` and starts
-    `fc_norm` fresh (unless the source has an `fc_norm`); a MAE from a classifier drops its head and `fc_norm`
-    and starts `norm` fresh when the source has none."""
+    What the model has no place for is left out and named in one note (unused_parts): a classifier's head and
+    norms, a MAE's decoder, a linear probe's head, the class token and heads of another task. So every
+    classifier initialises a MAE, another classifier, a segmentation or a detection model. As the reference
+    fine-tuning, a ViT under global pooling drops the source's final `norm` and starts `fc_norm` fresh (unless
+    the source has an `fc_norm`); a MAE from a classifier starts `norm` fresh when the source has none."""
     sd, arch, what = read_any(source)
     check_architecture(model, sd, arch)
     own = model.state_dict()
     is_mae = hasattr(model, "decoder_pred")
     notes: list[str] = []
-    if is_mae:
-        sd = {k: v for k, v in sd.items() if not k.startswith(_CLASSIFIER)}
-    else:
-        heads = getattr(model, "head_prefixes", ("head.",))  # the task's own output layers
-        head_fits = keep_head and all(
-            k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith(heads)
-        )
-        drop = _DECODER if head_fits else (*_DECODER, *heads)
-        sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
-        if getattr(model, "global_pool", False) and "fc_norm.weight" not in sd:
-            sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    heads = () if is_mae else getattr(model, "head_prefixes", ("head.",))  # the task's own output layers
+    dropped = unused_parts(sd, own, heads, keep_head)
+    if dropped:
+        gone = set(dropped)
+        sd = {k: v for k, v in sd.items() if k not in gone}
+        notes.append(f"dropped from the source (this model does not use them): {_modules(dropped)}")
 
     # channels and patch size: the patch projection, and the decoder's pixel rows
     w, target = sd["patch_embed.proj.weight"], own["patch_embed.proj.weight"]

@@ -175,7 +175,15 @@ def load_state_dict_any(path: str | Path) -> StateDict:
         sd.update(_read_file(file))
     if not sd:
         raise ValueError(f"{path} holds no tensors")
-    return hf_to_mae_state_dict(sd) if is_hf_vitmae_state_dict(sd) else sd
+    return hf_to_mae_state_dict(sd) if is_hf_vitmae_state_dict(sd) else probe_encoder(sd)
+
+
+def probe_encoder(sd: StateDict) -> StateDict:
+    """A linear-probe run (mae/linprobe.py) keeps its frozen ViT under `encoder.` beside its own `head.*`:
+    the encoder's keys lose the prefix, so the probe's encoder loads as any other (the head is the probe's)."""
+    if "patch_embed.proj.weight" in sd or "encoder.patch_embed.proj.weight" not in sd:
+        return sd
+    return {k.removeprefix("encoder."): v for k, v in sd.items()}
 
 
 def _hf_model_type(path: str | Path) -> str | None:
