@@ -26,6 +26,7 @@ CHOICES = {
     "train.schedule": ("cosine", "poly", "step"),
     "train.eval_mode": ("whole", "slide"),
     "model.seg_head": ("upernet", "linear"),
+    "model.pos_embed_adapt": ("recompute", "resample"),
 }
 
 
@@ -106,7 +107,7 @@ def _apply(flat: dict[str, Any], updates: dict[str, Any], base: dict[str, Any], 
 COMMON_KEYS = frozenset((
     "output_dir", "seed",
     "model.name", "model.img_size", "model.patch_size", "model.in_chans", "model.attn_backend", "model.embed_dim",
-    "model.depth", "model.num_heads", "model.init",
+    "model.depth", "model.num_heads", "model.init", "model.pos_embed_adapt",
     "data.train", "data.val", "data.fmnist_dir", "data.num_workers", "data.shuffle_buffer", "data.epoch_samples",
     "data.resampled", "data.synthetic_samples", "data.label_fraction", "data.mean", "data.std", "data.scale_min",
     "data.hflip", "data.crop_pct",
@@ -133,6 +134,8 @@ def _unused_with(flat: dict[str, Any]) -> list[tuple[str, str, str]]:
         out.append(("train.betas", "train.optimizer=lars", "AdamW's"))
     if flat.get("model.seg_head") == "linear":
         out += [(k, "model.seg_head=linear", "UPerNet's") for k in ("model.seg_channels", "model.aux_weight")]
+    if not flat["model.init"]:
+        out.append(("model.pos_embed_adapt", "model.init empty", "model.init's"))
     if flat["train.schedule"] == "step":
         out.append(("train.min_lr", "train.schedule=step", "the cosine and poly schedules'"))
     if flat.get("train.eval_mode") == "whole":

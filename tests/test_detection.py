@@ -222,18 +222,46 @@ def sources(tmp_path_factory):
     ],  # fmt: skip
 )
 def test_every_model_init_source_loads_the_encoder_and_resamples_its_table(sources, kind, capsys):
+    """model.pos_embed_adapt=resample, as the detection recipes: the 4x4 table resampled to the 8x8 grid as ViTDet's
+    get_abs_pos (bicubic, no antialiasing), the class token's row left out with the class token."""
     from mae.weights.load import load_init
 
     root, sd, _ = sources
     det = tiny_detector()
-    missing, unexpected = load_init(det, str(root / kind))
+    missing, unexpected = load_init(det, str(root / kind), pos_embed="resample")
     own = det.state_dict()
     assert not unexpected and all(k.startswith(det.new_prefixes) for k in missing)
     assert "roi_heads.box_predictor.cls_score.weight" in missing  # the heads start fresh
     for k in ("blocks.3.mlp.fc2.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):
         torch.testing.assert_close(own[k], sd[k], rtol=1e-6, atol=1e-6)
-    assert "pos_embed 4x4 -> 8x8 patches, resampled as MaskRCNNViT asks" in capsys.readouterr().out
+    rows = sd["pos_embed"][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    # detectron2's get_abs_pos
+    vitdet = torch.nn.functional.interpolate(rows, size=(8, 8), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(own["pos_embed"][:, 1:], vitdet.permute(0, 2, 3, 1).reshape(1, 64, -1))
+    out = capsys.readouterr().out
+    assert "pos_embed 4x4 -> 8x8 patches, resampled (bicubic, as the reference's interpolate_pos_embed" in out
+    assert "dropped from the source (this model does not use them): " in out and "cls_token (1 tensor)" in out
     assert torch.equal(own["blocks.0.attn.rel_pos_h"], torch.zeros_like(own["blocks.0.attn.rel_pos_h"]))
+
+
+def test_pos_embed_adapt_recompute_gives_the_detection_backbone_the_sincos_table_of_its_grid(sources, capsys):
+    """The detection backbone follows model.pos_embed_adapt as every task's model does: `recompute` evaluates an
+    MAE's fixed sin-cos table on its 8x8 grid (no model overrides the key)."""
+    from mae.models import sincos_pos_embed_2d
+    from mae.weights.load import load_init
+
+    root, _, _ = sources
+    det = tiny_detector()
+    load_init(det, str(root / "full.pth"), pos_embed="recompute")
+    table = det.state_dict()["pos_embed"][0, 1:]
+    torch.testing.assert_close(table, sincos_pos_embed_2d(32, (8, 8), cls_token=False), rtol=0, atol=1e-6)
+    assert "pos_embed 4x4 -> 8x8 patches, recomputed (the fixed sin-cos table)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", ["detect_demo", "detect_coco_vit_base", "detect_coco_vit_large"])
+def test_detection_recipes_resample_the_position_table_as_vitdet(recipe):
+    cfg = load_config([f"recipe={recipe}", "model.init=runs/x"], task="detect")
+    assert cfg.model.pos_embed_adapt == "resample"  # detectron2's ViTDet interpolates the pretrained table
 
 
 def test_a_detection_source_of_the_same_categories_brings_its_heads(sources):

@@ -315,6 +315,7 @@ def test_ade20k_recipes_carry_the_reproduced_settings(recipe):
     )
     base = recipe.endswith("base")
     assert (t.layer_decay, m.drop_path, m.seg_channels) == ((0.65, 0.1, 768) if base else (0.75, 0.2, 1024))
+    assert m.pos_embed_adapt == "resample"  # mmsegmentation's MAE backbone resizes the 224 px table, bicubic
 
 
 # ------------------------------------------------------------------------------------------------ end to end

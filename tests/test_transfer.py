@@ -530,3 +530,67 @@ def test_every_classifier_initialises_segmentation_detection_embeddings_pretrain
     embedder = Embedder.from_pretrained(source, num_heads=2, log=notes.append)
     assert _dropped(notes) == {"head"}
     assert all(torch.equal(embedder.model.state_dict()[k], v) for k, v in encoder.items())
+
+
+# ---- the position table for a new patch grid --------------------------------------------------------------
+
+
+def reference_interpolate_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """facebookresearch/mae util/pos_embed.py interpolate_pos_embed, transcribed: the cls row kept, the patch
+    rows bicubically resized (align_corners=False) to grid x grid."""
+    cls, rows = table[:, :1], table[:, 1:]
+    old = int(rows.shape[1] ** 0.5)
+    rows = rows.reshape(-1, old, old, rows.shape[-1]).permute(0, 3, 1, 2)
+    rows = torch.nn.functional.interpolate(rows, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, rows.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "resample"])
+def test_pos_embed_adapt_recomputes_or_resamples_a_sincos_table_for_a_new_grid(tmp_path, mode):
+    """An MAE encoder pretrained at 28 px (7x7 patches, the fixed sin-cos table) segmenting at 56 px (14x14):
+    `recompute` evaluates the sin-cos table on the 14x14 grid, `resample` resizes the 7x7 table bicubically as
+    the reference's interpolate_pos_embed; the cls row is kept either way, and the log says which."""
+    from mae.models import sincos_pos_embed_2d
+    from mae.weights.build import build_segmenter
+    from mae.weights.load import init_from_config
+
+    torch.manual_seed(0)
+    mae = create_mae(
+        "mae_vit_tiny_patch16", decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **TINY
+    )
+    torch.save({"model": mae.state_dict()}, tmp_path / "mae.pth")
+    args = ["recipe=segment_demo", *[a for a in TINY_ARGS if not a.startswith(("data.", "model.img_size"))]]
+    args += ["model.img_size=56", f"model.init={tmp_path / 'mae.pth'}", f"model.pos_embed_adapt={mode}"]
+    cfg = load_config([*args, f"output_dir={tmp_path / 'run'}"], task="segment")
+    seg, lines = build_segmenter(cfg, 11), []
+    init_from_config(seg, cfg, lines.append)  # what every task's init_weights does on a fresh start
+    table = seg.pos_embed.detach()
+    source = mae.pos_embed.detach()
+    assert torch.equal(table[:, 0], source[:, 0])
+    if mode == "recompute":
+        torch.testing.assert_close(table[0, 1:], sincos_pos_embed_2d(32, (14, 14), cls_token=False))
+        assert any("pos_embed 7x7 -> 14x14 patches, recomputed (the fixed sin-cos table)" in x for x in lines)
+    else:
+        torch.testing.assert_close(table, reference_interpolate_pos_embed(source, 14), rtol=0, atol=1e-5)
+        assert any(
+            "pos_embed 7x7 -> 14x14 patches, resampled (bicubic, as the reference's interpolate_pos_embed)"
+            in x
+            for x in lines
+        )
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe", "segment", "detect"])
+def test_pos_embed_adapt_is_read_by_every_task_that_loads_model_init(task):
+    from mae.tasks import READS
+
+    assert {"model.init", "model.pos_embed_adapt"} <= READS[task]
+
+
+def test_pos_embed_adapt_is_a_choice_read_only_with_model_init():
+    with pytest.raises(
+        ConfigError, match=r"model.pos_embed_adapt='bilinear' is not one of recompute, resample"
+    ):
+        tiny_cfg("finetune_demo", "model.init=runs/x", "model.pos_embed_adapt=bilinear")
+    with pytest.raises(ConfigError, match=r"model.pos_embed_adapt is not read with model.init empty"):
+        tiny_cfg("finetune_demo", "model.pos_embed_adapt=resample")
+    assert tiny_cfg("finetune_demo", "model.init=runs/x").model.pos_embed_adapt == "recompute"

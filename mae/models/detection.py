@@ -9,7 +9,9 @@ makes it, and torchvision's Mask R-CNN on top:
   but four evenly spaced global ones (ViT-B 2, 5, 8, 11; ViT-L 5, 11, 17, 23; 0-based); `window_size=0`: global
   attention everywhere. Every block adds a decomposed relative position bias (MViTv2's), its tables
   `blocks.N.attn.rel_pos_h` / `rel_pos_w` zero-initialised, so a pretrained encoder computes at the start what it
-  computed before. No class token; the absolute table is resampled to the patch grid.
+  computed before. No class token; model.init's absolute table follows the patch grid as model.pos_embed_adapt
+  says (the detection recipes resample it, as ViTDet), and an image of another grid gets the model's table
+  resampled to it in the forward.
 - the simple feature pyramid from the last block's map: x4, x2, x1, x0.5 of the patch stride (strides 4, 8, 16,
   32 for patch 16) by transposed convolutions and a max-pool, each level through a 1x1 and a 3x3 convolution with
   channel LayerNorm (`channels`, 256 in ViTDet), and a max-pooled level (stride 64) for the RPN only.
@@ -236,9 +238,6 @@ class MaskRCNNViT(BlockFeatures, nn.Module):
         # what else a source carries that this model has no place for (a classifier's head and norms, the class
         # token, a segmentation head, a MAE's decoder) mae.weights.adapt drops by its one rule, as for every model
         self.head_prefixes = ("pyramid.", "rpn.", "roi_heads.")
-
-    # mae.weights.adapt resamples the absolute table for another grid, as ViTDet does (a sin-cos table too)
-    resample_pos_embed = True
 
     def init_weights(self) -> None:
         """The encoder as the toolkit initialises a ViT (sin-cos table, xavier linears); relative position

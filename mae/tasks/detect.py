@@ -139,7 +139,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     from mae.train.engine import Task, seed_everything
     from mae.train.optim import vit_layer_decay_groups
     from mae.weights.build import build_detector
-    from mae.weights.load import load_init
+    from mae.weights.load import init_from_config
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
     m, d = cfg.model, cfg.data
@@ -171,7 +171,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         groups=vit_layer_decay_groups(model, cfg.train.weight_decay, cfg.train.layer_decay),
         loader=loader,
         loss_fn=loss_fn,
-        init_weights=lambda: load_init(model, cfg.model.init, log),
+        init_weights=lambda: init_from_config(model, cfg, log),
         evaluate=det_evaluator(cfg, acc, src, log),
         on_checkpoint=on_checkpoint,
         on_eval=best_keeper(cfg, acc, log, metric="box_ap", label="box AP"),

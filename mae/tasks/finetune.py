@@ -70,7 +70,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     from mae.train.checkpoint import best_keeper
     from mae.train.engine import Task
     from mae.train.optim import vit_layer_decay_groups
-    from mae.weights.load import load_init
+    from mae.weights.load import init_from_config
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
     loader, num_classes, _, model = classify.build_classifier(cfg, acc, AUGMENT)
@@ -80,7 +80,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         groups=vit_layer_decay_groups(model, cfg.train.weight_decay, cfg.train.layer_decay),
         loader=loader,
         loss_fn=lambda m, images, labels, step, micro: loss(m, images, labels),
-        init_weights=lambda: load_init(model, cfg.model.init, log),
+        init_weights=lambda: init_from_config(model, cfg, log),
         evaluate=classify.val_evaluator(cfg, acc),
         on_eval=best_keeper(cfg, acc, log),
         record=classify.found(cfg, num_classes),

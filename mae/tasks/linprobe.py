@@ -31,7 +31,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     from mae.train.checkpoint import best_keeper
     from mae.train.engine import Task
     from mae.train.optim import param_groups
-    from mae.weights.load import load_init
+    from mae.weights.load import init_from_config
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
     loader, num_classes, vit, model = classify.build_classifier(cfg, acc, AUGMENT, wrap=LinearProbe)
@@ -40,7 +40,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         return F.cross_entropy(m(images).float(), labels, label_smoothing=cfg.train.smoothing)
 
     def init_weights() -> None:
-        load_init(vit, cfg.model.init, log, keep_head=False)  # the probe brings its own head
+        init_from_config(vit, cfg, log, keep_head=False)  # the probe brings its own head
 
     return Task(
         model=model.to(acc.device),

@@ -162,7 +162,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     from mae.train.engine import Task, seed_everything
     from mae.train.optim import param_groups
     from mae.weights.build import build_mae
-    from mae.weights.load import load_init
+    from mae.weights.load import init_from_config
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -182,7 +182,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         groups=param_groups(model, cfg.train.weight_decay),
         loader=loader,
         loss_fn=loss_fn,
-        init_weights=lambda: load_init(model, cfg.model.init, log),
+        init_weights=lambda: init_from_config(model, cfg, log),
         monitor=knn_monitor(cfg, acc, dict(data_kw, batch_size=max(cfg.train.batch_size, 256))),
         monitor_every=cfg.log.knn_every_steps,
         on_checkpoint=reconstruction_hook(cfg, acc, data_kw),

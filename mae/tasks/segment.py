@@ -136,7 +136,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
     from mae.train.engine import Task, seed_everything
     from mae.train.optim import vit_layer_decay_groups
     from mae.weights.build import build_segmenter
-    from mae.weights.load import load_init
+    from mae.weights.load import init_from_config
 
     log = print if acc.is_main_process else (lambda *a, **k: None)
     m = cfg.model
@@ -159,7 +159,7 @@ def build_task(cfg: DictConfig, acc: Accelerator) -> Task:
         return segmentation_loss(net(images), masks, aux)
 
     def init_weights() -> None:
-        load_init(model, cfg.model.init, log)
+        init_from_config(model, cfg, log)
 
     if acc.num_processes > 1 and acc.device.type == "cuda":  # BatchNorm statistics over all GPUs, as SyncBN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

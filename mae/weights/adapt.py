@@ -10,9 +10,11 @@ rules serve pretraining (the full MAE) and transfer (the ViT encoder):
 - patch size: the patch projection resampled as timm's `resample_patch_embed` (FlexiViT's pseudo-inverse
   resize: a resized patch gives the token the original patch gave); the decoder's output rows resized the
   same way, so the model predicts the resized patch.
-- image size (the patch grid): a fixed 2-D sin-cos table is the function of its grid and is recomputed for
-  the new one; a learned table (timm or Hugging Face classifiers, fine-tuned runs) is resampled as timm's
-  `resample_abs_pos_embed` (bicubic, antialiased), the cls row kept.
+- image size (the patch grid), by `model.pos_embed_adapt`: `recompute` evaluates a fixed 2-D sin-cos table
+  on the new grid (a learned table, of timm or Hugging Face classifiers and fine-tuned runs, has no formula and
+  is resampled as timm's `resample_abs_pos_embed`, bicubic, antialiased); `resample` resamples every table as
+  the reference's `interpolate_pos_embed`, mmsegmentation and ViTDet do (bicubic, no antialiasing). The cls row
+  is kept.
 """
 
 from __future__ import annotations
@@ -75,23 +77,36 @@ def is_sincos(table: torch.Tensor, grid: tuple[int, int] | None = None) -> bool:
     return bool(torch.allclose(table[0, 1:].float(), ref, atol=SINCOS_ATOL, rtol=0))
 
 
+POS_MODES = ("recompute", "resample")  # model.pos_embed_adapt
+
+
 def adapt_pos_table(
     table: torch.Tensor,
     grid: tuple[int, int],
     src_grid: tuple[int, int] | None = None,
-    resample: bool = False,
+    mode: str = "recompute",
 ) -> tuple[torch.Tensor, str]:
     """A (1, 1 + L, D) position table for `grid`, and how it was made: "same", "sincos" (recomputed) or
-    "resampled" (a learned table, as timm; any table with `resample`, as ViTDet). The cls row is kept."""
+    "resampled" (bicubic, timm's resample_abs_pos_embed). mode "recompute": a fixed sin-cos table is evaluated
+    on the new grid (a learned table has no formula and is resampled, antialiased as timm's default);
+    "resample": every table is resampled as the reference's interpolate_pos_embed, mmsegmentation's
+    resize_pos_embed and ViTDet's get_abs_pos do (bicubic, align_corners=False, no antialiasing). The cls row
+    is kept."""
+    if mode not in POS_MODES:
+        raise ValueError(f"position table mode {mode!r}: expected one of {', '.join(POS_MODES)}")
     src_grid = src_grid or grid_of(table)
     if src_grid is None:
         raise ValueError(f"a position table of {table.shape[1] - 1} patch rows is not a square grid")
     if tuple(src_grid) == tuple(grid):
         return table, "same"
-    if not resample and is_sincos(table, src_grid):
+    if mode == "recompute" and is_sincos(table, src_grid):
         rows = sincos_pos_embed_2d(table.shape[-1], grid, cls_token=False).to(table.dtype)
         return torch.cat([table[:, :1], rows.unsqueeze(0)], dim=1), "sincos"
-    out = resample_abs_pos_embed(table, list(grid), list(src_grid), num_prefix_tokens=1, antialias=True)
+    # resample: bicubic without antialiasing, exactly the reference's interpolate_pos_embed (and mmsegmentation's,
+    # ViTDet's); a learned table under recompute keeps timm's default (antialiased)
+    out = resample_abs_pos_embed(
+        table, list(grid), list(src_grid), num_prefix_tokens=1, antialias=mode != "resample"
+    )
     return out, "resampled"
 
 
@@ -214,11 +229,14 @@ def read_any(source: str | Path | Mapping) -> tuple[dict, dict | None, str]:
     return load_state_dict_any(source), read_recorded(source)[0], str(source)
 
 
-def load_weights(model: nn.Module, source: str | Path | Mapping, keep_head: bool = True) -> LoadResult:
+def load_weights(
+    model: nn.Module, source: str | Path | Mapping, keep_head: bool = True, pos_embed: str = "recompute"
+) -> LoadResult:
     """Load any source into a MaskedAutoencoder (pretraining: the decoder too when the source has one) or a
     VisionTransformer (transfer: the encoder, and a classifier head of the model's shape when `keep_head`),
-    adapting channels, patch size and position tables (module docstring). Raises ArchitectureMismatch for
-    sizes that cannot be adapted and ValueError for other shape conflicts.
+    adapting channels, patch size and position tables (module docstring; `pos_embed`: adapt_pos_table's
+    mode for another patch grid, model.pos_embed_adapt). Raises ArchitectureMismatch for sizes that cannot be
+    adapted and ValueError for other shape conflicts.
 
     What the model has no place for is left out and named in one note (unused_parts): a classifier's head and
     norms, a MAE's decoder, a linear probe's head, the class token and heads of another task. So every
@@ -265,15 +283,13 @@ def load_weights(model: nn.Module, source: str | Path | Mapping, keep_head: bool
             continue
         grid = tuple(model.patch_embed.grid_size)
         src_grid = _source_grid(arch, sd[k])
-        # a model may ask for any table to be resampled (ViTDet's detection backbone does, as detectron2)
-        sd[k], how = adapt_pos_table(sd[k], grid, src_grid, getattr(model, "resample_pos_embed", False))
-        made = (
-            "recomputed (the fixed sin-cos table)"
-            if how == "sincos"
-            else "resampled as timm (a learned table)"
-            if not getattr(model, "resample_pos_embed", False)
-            else f"resampled as {type(model).__name__} asks (bicubic, as ViTDet)"
-        )
+        sd[k], how = adapt_pos_table(sd[k], grid, src_grid, pos_embed)
+        if how == "sincos":
+            made = "recomputed (the fixed sin-cos table)"
+        elif pos_embed == "resample":
+            made = "resampled (bicubic, as the reference's interpolate_pos_embed)"
+        else:
+            made = "resampled as timm (a learned table)"
         notes.append(f"image size: {k} {src_grid[0]}x{src_grid[1]} -> {grid[0]}x{grid[1]} patches, {made}")
 
     for k, v in sd.items():

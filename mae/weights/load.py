@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from omegaconf import DictConfig
 from torch import nn
 
 from mae.config import ConfigError
@@ -20,13 +21,20 @@ MAE_NEW = (
 )  # what pretraining may start fresh: the decoder, a classifier's norm
 
 
+def init_from_config(model: nn.Module, cfg: DictConfig, log=print, keep_head: bool = True) -> None:
+    """A task's `model.init` (Task.init_weights, a fresh start only): load_init with the config's source and
+    its `model.pos_embed_adapt`."""
+    load_init(model, cfg.model.init, log, keep_head, pos_embed=cfg.model.pos_embed_adapt)
+
+
 def load_init(
-    model: nn.Module, source: str, log=print, keep_head: bool = True
+    model: nn.Module, source: str, log=print, keep_head: bool = True, pos_embed: str = "recompute"
 ) -> tuple[list[str], list[str]]:
     """Load `model.init` into the model: a MaskedAutoencoder (pretraining: the encoder, and the decoder when
     the source has one) or a ViT (transfer: the encoder; a classifier head of the model's shape is kept with
     keep_head). Every source kind of mae.weights.formats, adapted to the model's channels, patch and image size
-    (mae.weights.adapt, one line per adaptation). Returns and prints (missing, unexpected) keys; what may be missing is
+    (mae.weights.adapt, one line per adaptation; `pos_embed`: model.pos_embed_adapt, how the position table
+    follows another patch grid). Returns and prints (missing, unexpected) keys; what may be missing is
     the task's own new parts (the head and fc_norm of a classifier, the decoder of a MAE), anything else
     (another depth, say) is an error, as is a size that cannot be adapted (exit 2)."""
     if not source:
@@ -35,7 +43,7 @@ def load_init(
     if not os.path.exists(source):
         raise ConfigError(f"model.init={source!r}: no such file or directory")
     try:
-        result = load_weights(model, source, keep_head=keep_head)
+        result = load_weights(model, source, keep_head=keep_head, pos_embed=pos_embed)
     except ConfigError:
         raise
     except ArchitectureMismatch as e:
