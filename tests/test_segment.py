@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -526,3 +527,66 @@ def test_a_shallow_encoder_reads_a_block_twice_for_the_pyramid():
     maps = model.token_maps(torch.randn(1, 3, 32, 32))
     assert len(maps) == 4 and torch.equal(maps[0], maps[2]) and not torch.equal(maps[0], maps[3])
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ collapse
+
+
+def test_collapse_names_one_class_chance_accuracy_and_no_prediction():
+    """A model that learnt nothing is named: all pixels on one class (the majority: mAcc 1 / classes), an mAcc
+    within a point of chance, or (a detector) no prediction above the threshold; a model that separates the
+    classes is not."""
+    from mae.eval.metrics import collapse
+
+    target = torch.tensor([[0, 0, 0, 1], [2, 2, 0, 255]])
+    everything_background = confusion_matrix(torch.zeros_like(target), target, 3)
+    s = segmentation_scores(everything_background)
+    why = collapse(everything_background.sum(0), ["background", "a", "b"], s["macc"], 3)
+    assert "every prediction is class 0 (background)" in why and "mAcc 33.33% is chance" in why
+    right = confusion_matrix(target.clamp(max=2), target, 3)
+    assert collapse(right.sum(0), None, segmentation_scores(right)["macc"], 3) is None
+    assert collapse([40, 60, 0], None, 100 / 3 + 0.5, 3).startswith("mAcc 33.83% is chance")
+    assert collapse([0, 0, 0]) == "no prediction at all"  # a detector: nothing above the score threshold
+    assert collapse([0, 5, 0]) == "every prediction is class 1 (1)"
+
+
+def test_a_collapsed_segmentation_model_is_named_in_the_log_and_eval_json(tmp_path):
+    """The segmentation task's evaluator on a model that paints every pixel one class: one log line and
+    eval.json's `collapsed` say so; a model that reads its input is not flagged."""
+    from accelerate import Accelerator
+
+    from mae.tasks.segment import seg_evaluator
+
+    write_pairs(tmp_path / "val", [(32, 32)] * 3)
+    args = tiny_seg_args(tmp_path / "run", **{"data.train": str(tmp_path / "val"), "data.val": str(tmp_path / "val"),
+                                              "model.in_chans": "3", "model.img_size": "32"})  # fmt: skip
+    cfg = load_config([*args, "data.mean=[0.5]", "data.std=[0.25]"], task="segment")
+    (tmp_path / "run").mkdir()
+
+    class Constant(nn.Module):
+        patch_embed = SimpleNamespace(patch_size=(8, 8))  # what whole-image inference pads to
+
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 4, *x.shape[2:]).index_fill_(1, torch.tensor([2]), 1.0)
+
+    lines = []
+    evaluate = seg_evaluator(cfg, Accelerator(cpu=True), 4, log=lines.append)
+    evaluate(Constant(), 7)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert (
+        "every prediction is class 2" in report["collapsed"]
+        and "mAcc 25.00% is chance" in report["collapsed"]
+    )
+    flagged = [line for line in lines if "collapsed" in line]
+    assert len(flagged) == 1 and "step 7" in flagged[0] and report["collapsed"] in flagged[0]
+
+    class ReadsTheImage(Constant):  # write_pairs' red channel is 40 x class id
+        def forward(self, x):
+            red = x[:, :1] * 0.25 + 0.5
+            ids = (red * 255 / 40).round().clamp(0, 3).long()
+            return torch.nn.functional.one_hot(ids[:, 0], 4).permute(0, 3, 1, 2).float()
+
+    lines.clear()
+    evaluate(ReadsTheImage(), 8)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["collapsed"] is None
+    assert not any("collapsed" in line for line in lines)

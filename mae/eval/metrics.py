@@ -1,4 +1,5 @@
-"""Evaluation shared by the entry points: classifier top-k accuracy and the k-NN feature monitor."""
+"""Evaluation shared by the entry points: classifier top-k accuracy, the k-NN feature monitor, segmentation's
+confusion matrix and scores, and the check that names a collapsed model."""
 
 from __future__ import annotations
 
@@ -143,3 +144,30 @@ def segmentation_scores(conf: torch.Tensor) -> dict:
         "iou": [None if v != v else round(100 * float(v), 4) for v in iou],
         "acc": [None if v != v else round(100 * float(v), 4) for v in acc],
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a model that learnt nothing
+
+CHANCE_MARGIN = 1.0  # percentage points: a mean class accuracy this close to 100 / classes is chance
+
+
+def collapse(
+    predicted, names: list[str] | None = None, macc: float | None = None, classes: int | None = None
+) -> str | None:
+    """Why an evaluation says the model learnt nothing, or None. `predicted`: how many predictions fell on
+    each class (segmentation: the confusion matrix's column sums; a detector: its detections above the score
+    threshold per category). Collapsed: no prediction at all, every prediction on one class, or a mean class
+    accuracy `macc` (percent) within CHANCE_MARGIN of chance, 100 / `classes` (the classes in the truth): what
+    a model that ignores its input scores."""
+    counts = [int(c) for c in predicted]
+    names = names or [str(i) for i in range(len(counts))]
+    on = [i for i, c in enumerate(counts) if c > 0]
+    if not on:
+        return "no prediction at all"
+    why = []
+    if len(on) == 1 and len(counts) > 1:
+        why.append(f"every prediction is class {on[0]} ({names[on[0]]})")
+    if macc is not None and classes and macc <= 100 / classes + CHANCE_MARGIN:
+        why.append(f"mAcc {macc:.2f}% is chance (100 / {classes} classes = {100 / classes:.2f}%)")
+    return "; ".join(why) or None

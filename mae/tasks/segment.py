@@ -34,12 +34,13 @@ def class_names(src, num_classes: int) -> list[str]:
 def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print):
     """(model, step) -> {miou, macc, aacc} over all of data.val, each rank scoring its own block of pairs; the
     confusion matrix is summed over the ranks. Predictions are scored at each mask's own size (logits resized
-    bilinearly); per-class IoU and accuracy go to output_dir/eval.json."""
+    bilinearly); per-class IoU and accuracy go to output_dir/eval.json, and a collapsed model (metrics.collapse)
+    is named there and in one warning line."""
     import torch
     import torch.nn.functional as F
 
     from mae.data.segmentation import SegEvalLoader, check_some_pairs, pair_source, seg_transform
-    from mae.eval.metrics import confusion_matrix, segmentation_scores
+    from mae.eval.metrics import collapse, confusion_matrix, segmentation_scores
     from mae.models.segmentation import segment_logits
     from mae.runs.files import atomic_text
     from mae.train.runtime import Interrupted, Watch
@@ -82,7 +83,9 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
         bad = int(acc.reduce(bad, reduction="sum").item())
         if acc.reduce(torch.tensor(float(watch.stopped), device=acc.device), reduction="sum").item():
             raise Interrupted
-        scores = segmentation_scores(conf.cpu())
+        conf = conf.cpu()
+        scores = segmentation_scores(conf)
+        collapsed = collapse(conf.sum(0), names, scores["macc"], int((conf.sum(1) > 0).sum()))
         if acc.is_main_process:
             per_class = {n: {"iou": i, "acc": a} for n, i, a in zip(names, scores["iou"], scores["acc"])}
             report = {
@@ -90,11 +93,14 @@ def seg_evaluator(cfg: DictConfig, acc: Accelerator, num_classes: int, log=print
                 "pairs": src.__len__() - bad,
                 "bad_pairs": bad,
                 "eval_mode": cfg.train.eval_mode,
+                "collapsed": collapsed,  # why the predictions carry no information, or null
             }
             report.update({k: scores[k] for k in ("miou", "macc", "aacc")}, per_class=per_class)
             atomic_text(Path(cfg.output_dir) / "eval.json", json.dumps(report, indent=1))
             if bad:
                 log(f"evaluation skipped {bad} bad pair(s) of data.val (named above)")
+            if collapsed:
+                log(f"warning: the model has collapsed at step {step}: {collapsed} (eval.json: collapsed)")
         return {k: scores[k] for k in ("miou", "macc", "aacc")}
 
     return evaluate
