@@ -225,6 +225,34 @@ def test_fashion_mnist_scenes_are_deterministic_with_garment_classes_and_ambiguo
     assert src.classes[0] == "background" and len(src.classes) == 11
 
 
+@needs_fmnist
+def test_a_range_of_scenes_is_those_scenes_alone_for_held_out_and_labelled_subsets():
+    """`fashion-mnist-scenes:train[a:b]` holds scenes a .. b-1 of the split, each the very scene the whole split
+    draws, so a held-out part and a labelled subset never share a scene; a bad range is one line. The detection
+    instances read their scenes the same way."""
+    from mae.data.detection import det_source
+
+    whole = pair_source("fashion-mnist-scenes", train=True, reduce_zero_label=False)
+    held_out = pair_source("fashion-mnist-scenes:train[19000:20000]", train=False, reduce_zero_label=False)
+    labelled = pair_source("fashion-mnist-scenes:train[:200]", train=True, reduce_zero_label=False)
+    assert (len(held_out), len(labelled)) == (1000, 200) and held_out.classes == whole.classes
+    assert held_out.name(0) == whole.name(19000) and labelled.name(199) == whole.name(199)
+    for part, offset in ((held_out, 19000), (labelled, 0)):
+        for i in (0, len(part) - 1):
+            assert all(np.array_equal(a, b) for a, b in zip(part.draw(i), whole.draw(offset + i)))
+    t = SegTransform(crop=56, mean=[0.3], std=[0.3])
+    loader = SegTrainLoader(labelled, t, in_chans=1, num_classes=11, batch_size=8, seed=0, rank=0, world_size=1,
+                            workers=0, epoch_samples=400)  # fmt: skip
+    assert len(loader) == 50  # 400 samples per epoch from 200 scenes: each scene twice
+    for bad in ("train[5:5]", "train[0:20001]", "train[a:b]", "train[3]", "val[0:10]"):
+        with pytest.raises(DataError, match=r"fashion-mnist-scenes"):
+            pair_source(f"fashion-mnist-scenes:{bad}", train=True, reduce_zero_label=False)
+    instances = det_source("fashion-mnist-instances:train[19000:19010]", train=False, log_fn=lambda *a: None)
+    everything = det_source("fashion-mnist-instances", train=True, log_fn=lambda *a: None)
+    assert len(instances) == 10 and instances.name(3) == everything.name(19003)
+    assert np.array_equal(instances.draw(3)[0], everything.draw(19003)[0])
+
+
 def test_joint_transforms_keep_image_and_mask_aligned():
     """An image that encodes its mask: after crop, flip, pad (and a 2x resize) the two still agree."""
     mask = np.repeat(np.repeat(np.arange(12, dtype=np.uint8).reshape(3, 4), 10, 0), 10, 1)  # 30x40 blocks

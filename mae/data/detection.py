@@ -8,7 +8,8 @@ Sources (`data.train` / `data.val`):
   `data.train` reads train2017, `data.val` val2017;
 - `fashion-mnist-instances[:train|:test]`: the scenes of `fashion-mnist-scenes` (mae.data.segmentation) with each
   garment an instance: its mask (the pixels where it is on top and its ink >= 64, the segmentation scenes' class
-  pixels), its box (the mask's) and its class (categories 1-10, Fashion-MNIST's classes in order).
+  pixels), its box (the mask's) and its class (categories 1-10, Fashion-MNIST's classes in order); a range of a
+  split, `fashion-mnist-instances:train[19000:20000]`, is those scenes alone, as the segmentation scenes'.
 
 Masks come as polygons or RLE (compressed or not) and are decoded by pycocotools. Category ids map to contiguous
 labels 1..K in the order of their ids (0 is the background) and back. `iscrowd` regions are left out of training,
@@ -307,7 +308,7 @@ class SceneInstances:
         return len(self)  # at least one per scene: the garment drawn last lies on top of the others
 
     def name(self, i: int) -> str:
-        return f"{INSTANCES}:{self.scenes.split}#{i}"
+        return f"{INSTANCES}:{self.scenes.split}#{self.scenes.start + i}"
 
     def file_name(self, i: int) -> str:
         return f"{i:05d}.png"

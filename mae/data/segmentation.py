@@ -10,7 +10,8 @@ Sources (`data.train` / `data.val`):
   0 for "other": `data.reduce_zero_label=true` makes it 255 and shifts the 150 classes to 0..149;
 - `fashion-mnist-scenes[:train|:test]`: 56x56 canvases with 2-4 Fashion-MNIST garments, drawn on the fly and
   deterministically from the Fashion-MNIST files; mask = garment class + 1 on the garment (ink >= 64), 0 on
-  the background, 255 on the faint edge pixels (0 < ink < 64) whose class is ambiguous.
+  the background, 255 on the faint edge pixels (0 < ink < 64) whose class is ambiguous. A range of a split,
+  `fashion-mnist-scenes:train[19000:20000]`, is those scenes alone (a labelled subset, a held-out part).
 
 Images are read as the rest of the toolkit reads them (Pillow in `model.in_chans` channels; TIFF / .npy bands
 in their own scale). A bad pair (unreadable file, a mask of another size than its image, a class id >=
@@ -138,16 +139,19 @@ class Scenes:
     split: str
     classes: tuple = ("background", *FMNIST_CLASSES)
     reduce_zero_label: bool = False
+    start: int = 0  # scenes start .. stop - 1 of the split (stop None: to its end)
+    stop: int | None = None
 
     def __len__(self) -> int:
-        return SCENE_LENGTHS[self.split]
+        return (SCENE_LENGTHS[self.split] if self.stop is None else self.stop) - self.start
 
     def name(self, i: int) -> str:
-        return f"{SCENES}:{self.split}#{i}"
+        return f"{SCENES}:{self.split}#{self.start + i}"
 
     def placements(self, i: int) -> list[tuple[int, int, int]]:
-        """(garment index, top, left) of scene i's 2-4 garments, in the order they are drawn (later on top)."""
-        rng = np.random.default_rng([0x5CE7E, 0 if self.split == "train" else 1, i])
+        """(garment index, top, left) of the i-th scene of the range's 2-4 garments, in the order they are drawn
+        (later on top): the same scene whatever range it is read through."""
+        rng = np.random.default_rng([0x5CE7E, 0 if self.split == "train" else 1, self.start + i])
         g, out = self.garments.shape[1], []
         for _ in range(int(rng.integers(2, 5))):
             j = int(rng.integers(len(self.garments)))
@@ -218,13 +222,30 @@ def resolve_pairs(source: str, train: bool) -> tuple[str, str, str]:
 
 
 def read_scenes(name: str, split: str, train: bool, fmnist_dir: str = "") -> Scenes:
-    """The scenes of the built-in source `name` (SCENES or the detection instances): `split`, or by default the
-    training scenes for training and the test scenes for evaluation."""
-    split = split or ("train" if train else "test")
-    if split not in SCENE_LENGTHS:
-        raise DataError(f"{name} split must be train or test, got {split!r}")
+    """The scenes of the built-in source `name` (SCENES or the detection instances): `split` (or a range of it,
+    `train[a:b]`), or by default the training scenes for training and the test scenes for evaluation."""
+    split, (start, stop) = scene_range(split or ("train" if train else "test"), name)
     garments, labels = read_fashion_mnist(fmnist_dir or None, split)
-    return Scenes(garments, labels, split)
+    return Scenes(garments, labels, split, start=start, stop=stop)
+
+
+def scene_range(split: str, name: str = SCENES) -> tuple[str, tuple[int, int]]:
+    """`train`, `test` or `train[a:b]` -> (split, (a, b)), a range within the split's scenes (`name`: the
+    built-in source, for messages)."""
+    split_name, bracket, rest = split.partition("[")
+    if split_name not in SCENE_LENGTHS:
+        raise DataError(f"{name} split must be train or test (or a range: train[0:2000]), got {split!r}")
+    n = SCENE_LENGTHS[split_name]
+    if not bracket:
+        return split_name, (0, n)
+    a, colon, b = rest.removesuffix("]").partition(":")
+    try:
+        start, stop = int(a or 0), int(b) if b else n
+    except ValueError:
+        start = stop = -1
+    if not rest.endswith("]") or not colon or not 0 <= start < stop <= n:
+        raise DataError(f"{name}:{split}: a range is [start:stop] with 0 <= start < stop <= {n}")
+    return split_name, (start, stop)
 
 
 def pair_source(source: str, *, train: bool, reduce_zero_label: bool, fmnist_dir: str = "", log_fn=None):
