@@ -142,22 +142,6 @@ RUN = {
     "python mae/segment.py recipe=segment_demo model.seg_head=linear train.freeze_encoder=true output_dir=runs/segment_demo_linear_random":
         f"{{doc}} {SEGMENT}",
     "python experiments/segment_demo.py report runs": "{doc}",
-    "python mae/segment.py recipe=segment_demo model.init=runs/demo train.blr=1.6e-2 train.eval_every=3 output_dir=runs/segment_demo_lr1e-3":
-        f"{{doc}} {SEGMENT}",
-    "python mae/segment.py recipe=segment_demo train.blr=1.6e-2 train.eval_every=3 output_dir=runs/segment_demo_scratch_lr1e-3":
-        f"{{doc}} {SEGMENT}",
-    "python mae/pretrain.py recipe=demo train.epochs=5 output_dir=runs/demo5": f"{{doc}} {DEMO}",
-    "python mae/segment.py recipe=segment_demo model.init=runs/demo5 output_dir=runs/segment_demo5": f"{{doc}} {SEGMENT}",
-    "python mae/segment.py recipe=segment_demo model.init=runs/demo5 model.seg_head=linear train.freeze_encoder=true output_dir=runs/segment_demo5_linear":
-        f"{{doc}} {SEGMENT}",
-    "python experiments/segment_demo.py scenes data/scenes --count 20000 --split train":
-        "python experiments/segment_demo.py scenes data/scenes --count 64 --split train",
-    "python mae/pretrain.py recipe=demo model.init=runs/demo model.img_size=56 data.train=data/scenes/images data.val= log.knn_every_steps=0 train.epochs=3 output_dir=runs/demo_scenes":
-        f"{{doc}} {DEMO}",
-    "python mae/segment.py recipe=segment_demo model.init=runs/demo_scenes output_dir=runs/segment_demo_scenes": f"{{doc}} {SEGMENT}",
-    "python mae/segment.py recipe=segment_demo model.init=runs/demo_scenes model.seg_head=linear train.freeze_encoder=true output_dir=runs/segment_demo_scenes_linear":
-        f"{{doc}} {SEGMENT}",
-    "python experiments/segment_demo.py tokens runs/demo runs/demo5 runs/demo_scenes random": "{doc} --train 16 --test 8",
     "python experiments/segment_demo.py figure runs/segment_demo docs/segment_demo.png":
         "python experiments/segment_demo.py figure runs/segment_demo figure.png",  # not over the committed one
     # README.md and docs/detection.md: the detection demo
