@@ -60,10 +60,17 @@ def run(
 def finished(out: Path, overrides: dict) -> bool:
     """True when `out` holds a complete run made with `overrides`; a run made with other settings is an
     error (resuming it would mix two budgets)."""
-    cfg_path = out / "config.yaml"
-    if not cfg_path.is_file():
+    if not (out / "config.yaml").is_file():
         return False
-    saved = yaml.safe_load(cfg_path.read_text())
+    saved = same_budget(out, overrides)
+    r = rows(out)
+    total = saved.get("derived", {}).get("total_steps")
+    return bool(r) and r[-1].get("step") == total and ("top1" in r[-1] or "loss" in r[-1])
+
+
+def same_budget(out: Path, overrides: dict) -> dict:
+    """The saved config of the run in `out`; exits naming the key when it was made with other `overrides`."""
+    saved = yaml.safe_load((out / "config.yaml").read_text())
     for key, want in overrides.items():
         have = saved
         for part in key.split("."):
@@ -73,9 +80,7 @@ def finished(out: Path, overrides: dict) -> bool:
                 f"{out} was run with {key}={have!r} but the budget now says {want!r}: "
                 "move it away (or change output_dir) to run the study with the new budget"
             )
-    r = rows(out)
-    total = saved.get("derived", {}).get("total_steps")
-    return bool(r) and r[-1].get("step") == total and ("top1" in r[-1] or "loss" in r[-1])
+    return saved
 
 
 def _same_init(key: str, a, b) -> bool:

@@ -142,6 +142,11 @@ RUN = {
     "python mae/segment.py recipe=segment_demo model.seg_head=linear train.freeze_encoder=true output_dir=runs/segment_demo_linear_random":
         f"{{doc}} {SEGMENT}",
     "python experiments/segment_demo.py report runs": "{doc}",
+    "python experiments/dense_study.py --pilot": "python experiments/dense_study.py --quick --pilot --out runs/dense_quick",
+    "python experiments/dense_study.py": "python experiments/dense_study.py --quick --out runs/dense_quick",
+    "python experiments/dense_study.py --doc docs/segmentation.md":  # not over the committed doc
+        "cp {root}/docs/segmentation.md seg.md && python experiments/dense_study.py --quick --out runs/dense_quick --doc seg.md",
+    "python experiments/dense_study.py --quick": "{doc} --out runs/dense_quick",
     "python experiments/segment_demo.py figure runs/segment_demo docs/segment_demo.png":
         "python experiments/segment_demo.py figure runs/segment_demo figure.png",  # not over the committed one
     # README.md and docs/detection.md: the detection demo
