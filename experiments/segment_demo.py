@@ -31,12 +31,6 @@ RUNS = {
     "segment_demo_scratch": "UPerNet, fine-tuned from random init",
     "segment_demo_linear": "linear head, frozen demo MAE encoder",
     "segment_demo_linear_random": "linear head, frozen random encoder",
-    "segment_demo_lr1e-3": "UPerNet from the demo MAE encoder, lr 1e-3",
-    "segment_demo_scratch_lr1e-3": "UPerNet from random init, lr 1e-3",
-    "segment_demo5": "UPerNet from the 5-epoch MAE encoder",
-    "segment_demo5_linear": "linear head, frozen 5-epoch MAE encoder",
-    "segment_demo_scenes": "UPerNet from the MAE encoder continued on the scenes",
-    "segment_demo_scenes_linear": "linear head, frozen MAE encoder continued on the scenes",
 }
 
 
