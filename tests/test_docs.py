@@ -152,7 +152,7 @@ RUN = {
     # README.md and docs/detection.md: the detection demo
     "python mae/detect.py recipe=detect_demo model.init=runs/demo": f"{{doc}} {DETECT}",
     "python experiments/detect_demo.py scenes scenes/ --count 8": "{doc}",
-    "mae-detect-predict runs/detect_demo scenes predictions/": "{doc}",
+    "mae-detect-predict runs/detect_demo scenes detections/": "{doc}",
     "python mae/detect.py recipe=detect_demo model.init=runs/demo output_dir=runs/detect_demo": f"{{doc}} {DETECT}",
     "python mae/detect.py recipe=detect_demo output_dir=runs/detect_demo_scratch": f"{{doc}} {DETECT}",
     "python experiments/detect_demo.py report runs": "{doc}",
