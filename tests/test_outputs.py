@@ -127,7 +127,10 @@ def test_two_embed_runs_into_one_directory_the_second_refused_the_first_whole(ru
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_embed_cmd(pre, "fashion-mnist", out, "--no-progress"), cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    assert first.stdout.readline().startswith("mae-embed: ")  # the model is loaded: it is embedding
+    loading = [first.stdout.readline()]  # the model's load notes, then its first line of its own
+    while loading[-1] and not loading[-1].startswith("mae-embed: "):
+        loading.append(first.stdout.readline())
+    assert loading[-1].startswith("mae-embed: "), loading  # the model is loaded: it is embedding
     second = subprocess.run(_embed_cmd(pre, "fashion-mnist:test", out, "--dtype", "float16"), cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert second.returncode == 2

@@ -120,7 +120,14 @@ def test_data_workers_of_every_loader_ignore_stop_signals(tmp_path, kind):
     others = set(psutil.Process().children())
     batches = _batches(kind, tmp_path)
     seen = [next(batches)]
-    workers = [p for p in psutil.Process().children() if p not in others and p.name() == "pt_data_worker"]
+
+    def workers() -> list[psutil.Process]:  # a worker names itself when it starts: one may not have yet
+        return [p for p in psutil.Process().children() if p not in others and p.name() == "pt_data_worker"]
+
+    deadline = time.monotonic() + 30
+    while len(workers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = workers()
     assert len(workers) == 2
     for w in workers:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
