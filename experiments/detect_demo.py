@@ -1,6 +1,6 @@
 """The detection demo's evidence: scenes as a COCO dataset, the picture of predictions, the runs' table.
 
-    python experiments/detect_demo.py scenes scenes/ --count 8           # test scenes: annotations.json + images/
+    python experiments/detect_demo.py scenes instances/ --count 8        # test scenes: annotations.json + images/
     python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png
     python experiments/detect_demo.py report runs                        # the table, from the runs' eval.json
 

@@ -3,7 +3,7 @@ scratch), as ViTDet (Li, Mao, Girshick, He 2022); COCO box and mask AP on data.v
 
     accelerate launch mae/detect.py recipe=detect_coco_vit_base model.init=runs/vit_base data.train=/data/coco data.val=/data/coco
     python mae/detect.py recipe=detect_demo model.init=runs/demo       # Fashion-MNIST scenes, minutes on a CPU
-    mae-detect-predict runs/detect_demo scenes/ detections/             # predictions.json and overlays
+    mae-detect-predict runs/detect_demo instances/ detections/           # predictions.json and overlays
 
 The encoder becomes ViTDet's backbone (window attention with four global blocks, relative position bias, the
 simple feature pyramid; mae/models/detection.py) under torchvision's Mask R-CNN, trained with layer-wise lr decay

@@ -1,6 +1,6 @@
 """mae-detect-predict RUN_DIR INPUT OUT_DIR: COCO-format detections and overlays from a detection run.
 
-    mae-detect-predict runs/detect_demo scenes/images detections/
+    mae-detect-predict runs/detect_demo instances/images detections/
     python -m mae.detect_predict runs/detect_demo /data/coco predictions/ --score-thresh 0.05
 
 INPUT is an image, a folder of images (searched recursively) or a COCO dataset as mae/detect.py reads one (a JSON

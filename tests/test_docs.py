@@ -151,8 +151,8 @@ RUN = {
         "python experiments/segment_demo.py figure runs/segment_demo figure.png",  # not over the committed one
     # README.md and docs/detection.md: the detection demo
     "python mae/detect.py recipe=detect_demo model.init=runs/demo": f"{{doc}} {DETECT}",
-    "python experiments/detect_demo.py scenes scenes/ --count 8": "{doc}",
-    "mae-detect-predict runs/detect_demo scenes detections/": "{doc}",
+    "python experiments/detect_demo.py scenes instances/ --count 8": "{doc}",
+    "mae-detect-predict runs/detect_demo instances detections/": "{doc}",
     "python mae/detect.py recipe=detect_demo model.init=runs/demo output_dir=runs/detect_demo": f"{{doc}} {DETECT}",
     "python mae/detect.py recipe=detect_demo output_dir=runs/detect_demo_scratch": f"{{doc}} {DETECT}",
     "python experiments/detect_demo.py report runs": "{doc}",
