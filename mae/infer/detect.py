@@ -88,18 +88,16 @@ def predict_all(model, cfg, categories: list[dict], device, inputs: Inputs, out,
     or more into predictions.json. Returns (detections, images done, unreadable images)."""
     from PIL import Image
 
-    from mae.data.segmentation import BadPair, read_image_file
     from mae.eval.coco import to_results
     from mae.eval.figures import detection_overlay
+    from mae.infer import read_or_skip
 
     names = [c["name"] for c in categories]
     results, done, bad = [], 0, 0
     for (file, name, image_id), stem in zip(inputs.items, inputs.stems()):
-        try:
-            img = read_image_file(str(file), cfg.model.in_chans)
-        except BadPair as e:
+        img = read_or_skip(file, cfg.model.in_chans)
+        if img is None:
             bad += 1
-            print(f"skipping {e}", file=sys.stderr)
             continue
         det = predict(model, cfg, img, device)
         keep = det["scores"] >= score_thresh

@@ -3,7 +3,6 @@ size, class-id masks."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,17 +87,15 @@ def predict_folder(model, cfg, device, images: list[Path], source: str, out) -> 
     """Class-id masks and overlays of `images` into `out` (an OutputDir); returns (written, unreadable)."""
     from PIL import Image
 
-    from mae.data.segmentation import BadPair, read_image_file
     from mae.eval.figures import overlay, palette
+    from mae.infer import read_or_skip
 
     colours, root = palette(model.seg_classes), input_root(source)
     done = bad = 0
     for f in images:
-        try:
-            img = read_image_file(str(f), cfg.model.in_chans)
-        except BadPair as e:
+        img = read_or_skip(f, cfg.model.in_chans)
+        if img is None:
             bad += 1
-            print(f"skipping {e}", file=sys.stderr)
             continue
         classes = predict(model, cfg, img, device)
         stem = output_stem(f, root)
