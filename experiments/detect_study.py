@@ -53,7 +53,7 @@ class Protocol:
 
 FULL = Protocol(
     budgets={"1%": 200, "10%": 2000, "100%": 19000}, pool=19000, val=(19000, 500), test=1000,
-    lrs=(1e-4, 3e-4, 1e-3), seeds=(0, 1, 2), cap=200, every=50, batch=16,
+    lrs=(1e-4, 3e-4, 1e-3), seeds=(0, 1, 2), cap=1000, every=100, batch=16,
 )  # fmt: skip
 QUICK = Protocol(
     budgets={"1%": 8, "10%": 16}, pool=32, val=(100, 8), test=8, lrs=(3e-4, 1e-3), seeds=(0, 1), cap=4, every=2,
