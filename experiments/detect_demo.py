@@ -1,7 +1,7 @@
 """The detection demo's evidence: scenes as a COCO dataset, the picture of predictions, the runs' table.
 
     python experiments/detect_demo.py scenes instances/ --count 8        # test scenes: annotations.json + images/
-    python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png
+    python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png --score-thresh 0.3
     python experiments/detect_demo.py report runs                        # the table, from the runs' eval.json
 
 `scenes` writes OUT/annotations.json (COCO instances: polygons of nothing, RLE masks, boxes, areas) and
@@ -40,8 +40,8 @@ def write_scenes(out: Path, count: int, split: str = "test", first: int = 0) -> 
     return len(indices)
 
 
-def figure(run: Path, out: Path, count: int) -> Path:
-    """COUNT test scenes: image | truth | prediction (score >= 0.5), one row each, upscaled 4x."""
+def figure(run: Path, out: Path, count: int, thresh: float = 0.5) -> Path:
+    """COUNT test scenes: image | truth | prediction (score >= thresh), one row each, upscaled 4x."""
     import torch
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -71,7 +71,7 @@ def figure(run: Path, out: Path, count: int) -> Path:
         canvas, inst = src.draw(i)
         img = torch.from_numpy(canvas).float().div(255)[None].expand(cfg.model.in_chans, -1, -1)
         det = predict(model, cfg, img, torch.device("cpu"))
-        keep = det["scores"] >= 0.5
+        keep = det["scores"] >= thresh
         truth = draw(canvas, inst.boxes, inst.labels, inst.masks)
         pred = draw(
             canvas, det["boxes"][keep], det["labels"][keep], det["masks"][keep, 0] > 0.5, det["scores"][keep]
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("run", type=Path)
     f.add_argument("out", type=Path)
     f.add_argument("--count", type=int, default=6)
+    f.add_argument("--score-thresh", type=float, default=0.5, help="the least score drawn (default 0.5)")
     r = sub.add_parser("report", help="the runs' table")
     r.add_argument("runs", type=Path)
     args = p.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         n = write_scenes(args.out, args.count, args.split, args.first)
         print(f"{n} {args.split} scenes in {args.out}: annotations.json and images/")
     elif args.cmd == "figure":
-        print(f"wrote {figure(args.run, args.out, args.count)}")
+        print(f"wrote {figure(args.run, args.out, args.count, args.score_thresh)}")
     else:
         print(report(args.runs))
     return 0

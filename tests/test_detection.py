@@ -595,7 +595,7 @@ def test_detect_refuses_keys_it_does_not_read_and_answers_help_and_print_config(
 def test_print_config_counts_the_steps_of_the_detection_data(capsys):
     assert detect_main(["recipe=detect_demo", "--print-config"]) == 0
     derived = capsys.readouterr().out.split("derived:")[1]
-    assert "steps_per_epoch: 200" in derived and "total_steps: 200" in derived  # 3,200 scenes / 16, 1 epoch
+    assert "steps_per_epoch: 900" in derived and "total_steps: 900" in derived  # 14,400 scenes / 16, 1 epoch
 
 
 @needs_fmnist

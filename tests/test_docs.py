@@ -156,8 +156,8 @@ RUN = {
     "python mae/detect.py recipe=detect_demo model.init=runs/demo output_dir=runs/detect_demo": f"{{doc}} {DETECT}",
     "python mae/detect.py recipe=detect_demo output_dir=runs/detect_demo_scratch": f"{{doc}} {DETECT}",
     "python experiments/detect_demo.py report runs": "{doc}",
-    "python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png":
-        "python experiments/detect_demo.py figure runs/detect_demo figure.png --count 2",  # not over the committed one
+    "python experiments/detect_demo.py figure runs/detect_demo docs/detect_demo.png --score-thresh 0.3":
+        "python experiments/detect_demo.py figure runs/detect_demo figure.png --count 2 --score-thresh 0.3",  # not over the committed one
     "python benchmarks/detect_bench.py":
         "{doc} --steps 1 --warmup 1 --vit-size 64 --block-size 64 --vit-overrides model.embed_dim=64 model.num_heads=2 model.depth=4 "
         "model.fpn_channels=16",
