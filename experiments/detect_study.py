@@ -266,9 +266,17 @@ def gains(scores: dict, budget: str, arm: str, key: str = "box_ap") -> list[floa
     return [s[arm][seed][key] - s["scratch"][seed][key] for seed in sorted(s["scratch"])]
 
 
-def verdict(scores: dict, p: Protocol) -> tuple[str, str]:
-    """PASS / FAIL / INCONCLUSIVE by the pre-registered criteria on test box AP, and why."""
+def complete(scores: dict, budget: str, p: Protocol) -> bool:
+    return budget in scores and all(len(scores[budget].get(a, {})) == len(p.seeds) for a in p.arms)
+
+
+def verdict(scores: dict, p: Protocol) -> tuple[str, str] | None:
+    """PASS / FAIL / INCONCLUSIVE by the pre-registered criteria on test box AP, and why; None while a budget it
+    needs is unfinished. The 1% runs alone decide PASS, and INCONCLUSIVE when the positive control does not clear 3.0
+    or MAE's mean gain is at least 1.0 (no 10% result can change either); only FAIL needs the 10% runs."""
     lo, mid = p.gated
+    if not complete(scores, lo, p):
+        return None
     g, c = gains(scores, lo, "mae"), gains(scores, lo, "control")
     (m, sd), (cm, _) = _mean_sd(g), _mean_sd(c)
     control_clears = cm >= PASS_GAIN
@@ -276,12 +284,19 @@ def verdict(scores: dict, p: Protocol) -> tuple[str, str]:
            f"positive control - scratch {cm:+.2f}")  # fmt: skip
     if m >= PASS_GAIN and m >= 2 * sd and all(x > 0 for x in g) and control_clears:
         return "PASS", why
+    if not control_clears:
+        return "INCONCLUSIVE", why + (
+            f"; the positive control does not clear {PASS_GAIN:g}: the protocol cannot tell at this budget, "
+            f"whatever the {mid} runs give"
+        )
+    if m >= FAIL_GAIN:
+        return "INCONCLUSIVE", why + f"; neither PASS nor FAIL holds, whatever the {mid} runs give"
+    if not complete(scores, mid, p):
+        return None
     m_mid = _mean_sd(gains(scores, mid, "mae"))[0]
     why += f"; at {mid} MAE - scratch {m_mid:+.2f}"
-    if m < FAIL_GAIN and m_mid < FAIL_GAIN and control_clears:
+    if m_mid < FAIL_GAIN:
         return "FAIL", why
-    if not control_clears:
-        why += f"; the positive control does not clear {PASS_GAIN:g}: the protocol cannot tell at this budget"
     return "INCONCLUSIVE", why
 
 
@@ -289,7 +304,7 @@ def report(scores: dict, lrs: dict, p: Protocol) -> str:
     lines = ["| labels | arm (lr) | test box AP | test mask AP | box AP - scratch (paired) |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for budget in p.order:
-        if budget not in scores or any(len(scores[budget].get(a, {})) < len(p.seeds) for a in p.arms):
+        if not complete(scores, budget, p):
             continue
         for arm in p.arms:
             box = _mean_sd([scores[budget][arm][s]["box_ap"] for s in p.seeds])
@@ -299,13 +314,13 @@ def report(scores: dict, lrs: dict, p: Protocol) -> str:
             )
             lines.append(f"| {budget} ({p.budgets[budget]:,}) | {arm} ({lrs[arm]:g}) | {box[0]:.2f} +- {box[1]:.2f} | "
                          f"{mask[0]:.2f} +- {mask[1]:.2f} | {gain} |")  # fmt: skip
-    done = all(
-        b in scores and all(len(scores[b].get(a, {})) == len(p.seeds) for a in p.arms) for b in p.gated
-    )
     text = "\n".join(lines)
-    if done:
-        word, why = verdict(scores, p)
-        text += f"\n\nVerdict: **{word}** ({why})."
+    decided = verdict(scores, p)
+    if decided:
+        text += "\n\nVerdict: **{}** ({}).".format(*decided)
+    else:
+        pending = [b for b in p.gated if not complete(scores, b, p)]
+        text += f"\n\nVerdict: not yet (the {' and '.join(pending)} runs have not all finished)."
     return text
 
 

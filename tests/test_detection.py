@@ -645,6 +645,38 @@ def test_detect_demo_trains_evaluates_keeps_the_best_resumes_and_predicts(tmp_pa
     assert "inside INPUT" in capsys.readouterr().err
 
 
+def _scores(budget_gains: dict, seeds=(0, 1, 2)) -> dict:
+    """Test box AP per budget, arm and seed: scratch at 20, the other arms at 20 + their paired gain."""
+    return {
+        b: {"scratch": {s: {"box_ap": 20.0} for s in seeds}}
+        | {arm: {s: {"box_ap": 20.0 + g[i]} for i, s in enumerate(seeds)} for arm, g in arms.items()}
+        for b, arms in budget_gains.items()
+    }
+
+
+def test_the_study_states_its_verdict_as_soon_as_the_budgets_it_needs_have_finished():
+    from experiments.detect_study import FULL, report, verdict
+
+    strong, control, null = [3.5, 4.0, 4.5], [6.0, 7.0, 8.0], [0.2, -0.3, 0.4]
+    assert verdict(_scores({"1%": {"mae": strong, "control": control}}), FULL)[0] == "PASS"
+    assert verdict(_scores({"1%": {"mae": [0.5, 4.0, 7.5], "control": control}}), FULL)[0] == "INCONCLUSIVE"
+    assert verdict(_scores({"1%": {"mae": [-0.1, 5.0, 5.1], "control": control}}), FULL)[0] == "INCONCLUSIVE"
+    # FAIL needs the 10% runs
+    assert verdict(_scores({"1%": {"mae": null, "control": control}}), FULL) is None
+    weak = [2.0, 2.5, 3.0]  # the control does not clear 3.0: no 10% result can make it PASS or FAIL
+    word, why = verdict(_scores({"1%": {"mae": null, "control": weak}}), FULL)
+    assert word == "INCONCLUSIVE" and "cannot tell" in why
+    both = {"1%": {"mae": null, "control": control}, "10%": {"mae": null, "control": control}}
+    assert verdict(_scores(both), FULL)[0] == "FAIL"
+    both["10%"]["mae"] = [1.5, 1.0, 2.0]
+    assert verdict(_scores(both), FULL)[0] == "INCONCLUSIVE"
+    partial = _scores({"1%": {"mae": null, "control": control}})
+    del partial["1%"]["mae"][2]  # a seed still running: nothing is decided, and the budget has no row yet
+    assert verdict(partial, FULL) is None
+    text = report(partial, {"mae": 1e-3, "scratch": 1e-3, "control": 1e-3}, FULL)
+    assert "| 1% (200) |" not in text and "not yet (the 1% and 10% runs" in text
+
+
 @needs_fmnist
 @pytest.mark.slow
 def test_the_study_runs_its_protocol_on_tiny_budgets_resumes_and_states_a_verdict(tmp_path):
