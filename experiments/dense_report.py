@@ -135,14 +135,14 @@ def table(results: dict) -> str:
     if results.get("quick"):
         lines += ["**QUICK MODE** (tiny budgets, a check of the code): these numbers are not a result.", ""]
     lines += [
-        "| budget | arm | lr (validation mIoU, seed 0) | test mIoU | test mAcc | gain over scratch (per seed) |",
+        "| budget | arm | lr (the selection: validation mIoU, seed 0) | test mIoU | test mAcc | gain over scratch (per seed) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for budget in next(iter(arms.values())):
         for arm, by in arms.items():
             c = by[budget]
             grid = ", ".join(f"{'**' if float(lr) == c['lr'] else ''}{lr}: {v:.1f}{'**' if float(lr) == c['lr'] else ''}"
-                             for lr, v in c["val_by_lr"].items())  # fmt: skip
+                             for lr, v in c.get("val_by_lr", {}).items()) or f"{c['lr']:g}"  # fmt: skip
             miou = [test[r]["miou"] for r in c["runs"]]
             macc = [test[r]["macc"] for r in c["runs"]]
             flag = sum(bool(test[r]["collapsed"]) for r in c["runs"])

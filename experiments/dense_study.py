@@ -7,8 +7,8 @@
 
 In order: the pilot that fixes the run length (scratch, 10% labels, constant lr, validation every 250 steps);
 the MAE encoder pretrained on the training scenes, the positive control (a Fashion-MNIST classifier) and the
-demo encoder; for each arm (mae, scratch, control) and label budget (1%, 10%, 100%) the lr grid at seed 0 on
-the validation scenes, then seeds 1 and 2 at the selected lr; the frozen-encoder probe (block chosen on
+demo encoder; each arm's (mae, scratch, control) lr from the grid at 10% labels, seed 0, on the validation
+scenes; every label budget (1%, 10%, 100%) and seed (0, 1, 2) at the arm's selected lr; the frozen-encoder probe (block chosen on
 validation); the demo's position table (recompute against resample); the small-set check of the recipe;
 then, once every run is done, the test scenes, read once by each final run; the verdict.
 
@@ -53,6 +53,7 @@ class Plan:
     test: str = f"{SCENES}:test"
     seeds: tuple = (0, 1, 2)
     lrs: tuple = (2.5e-4, 1e-3, 4e-3)
+    select_budget: str = "10%"  # each arm's lr is chosen here (seed 0) and serves every budget
     batch: int = 16
     warmup: int = 50
     pilot_steps: int = 4000
@@ -242,25 +243,46 @@ def encoders(study: Study, steps: int) -> dict:
     }  # fmt: skip
 
 
-def arms(study: Study, steps: int, enc: dict) -> dict:
-    """Each arm x budget: the lr grid at seed 0 on validation, then the other seeds at the selected lr."""
+def select(study: Study, steps: int, enc: dict) -> dict:
+    """Each arm's lr: the grid at seed 0 on the selection budget, scored on the validation scenes."""
+    p, out = study.plan, {}
+    for arm, init in inits(enc).items():
+        val = {}
+        for lr in p.lrs:
+            run = study.segment(
+                run_name(arm, p.select_budget, lr, 0), steps, lr, p.budget_range(p.select_budget, 0), 0, init
+            )
+            val[lr] = last_eval(run)["miou"]
+        best = max(val, key=lambda lr: (val[lr], -lr))  # a tie goes to the lower lr
+        out[arm] = {"val_by_lr": {f"{k:g}": v for k, v in val.items()}, "lr": best}
+    return out
+
+
+def arms(study: Study, steps: int, enc: dict, chosen: dict) -> dict:
+    """Each arm x budget x seed at the arm's selected lr, seed by seed with the arms side by side (the
+    selection's seed-0 runs are those of their budget)."""
     p, cells = study.plan, {}
-    init = {"mae": enc["mae"], "scratch": "", "control": enc["control"]}
     for budget in p.budgets:
-        for arm in ARMS:
-            val = {}
-            for lr in p.lrs:
-                out = study.segment(
-                    run_name(arm, budget, lr, 0), steps, lr, p.budget_range(budget, 0), 0, init[arm]
+        for seed in p.seeds:
+            for arm, init in inits(enc).items():
+                lr = chosen[arm]["lr"]
+                study.segment(
+                    run_name(arm, budget, lr, seed), steps, lr, p.budget_range(budget, seed), seed, init
                 )
-                val[lr] = last_eval(out)["miou"]
-            best = max(val, key=lambda lr: (val[lr], -lr))  # a tie goes to the lower lr
-            for seed in p.seeds[1:]:
-                study.segment(run_name(arm, budget, best, seed), steps, best, p.budget_range(budget, seed), seed,
-                              init[arm])  # fmt: skip
-            cells.setdefault(arm, {})[budget] = {"val_by_lr": {f"{k:g}": v for k, v in val.items()}, "lr": best,
-                                                 "runs": [run_name(arm, budget, best, s) for s in p.seeds]}  # fmt: skip
+        for arm in ARMS:
+            lr = chosen[arm]["lr"]
+            cells.setdefault(arm, {})[budget] = {
+                "lr": lr,
+                "runs": [run_name(arm, budget, lr, s) for s in p.seeds],
+            }
+            if budget == p.select_budget:
+                cells[arm][budget]["val_by_lr"] = chosen[arm]["val_by_lr"]
     return cells
+
+
+def inits(enc: dict) -> dict:
+    """Each arm's `model.init`: the MAE encoder, none (scratch), the positive control."""
+    return {"mae": enc["mae"], "scratch": "", "control": enc["control"]}
 
 
 def run_name(arm: str, budget: str, lr: float, seed: int) -> str:
@@ -351,17 +373,18 @@ def study_main(out: Path, plan: Plan, doc: Path | None) -> dict:
     print(f"run length fixed by the pilot: {steps} steps", flush=True)
     enc = results["encoders"] = encoders(study, steps)
     results["knn"] = knn_of_encoders(enc, plan.knn, out / "knn.json")
-    cells = results["arms"] = arms(study, steps, enc)
+    chosen = results["selection"] = select(study, steps, enc)
+    cells = results["arms"] = arms(study, steps, enc, chosen)
     results["probe"] = probes(study, steps, enc)
-    pos = results["position_table"] = position_table(study, steps, enc, cells["mae"]["10%"]["lr"])
-    results["small_set"] = small_set(study, enc, cells["mae"]["100%"]["lr"])
+    pos = results["position_table"] = position_table(study, steps, enc, chosen["mae"]["lr"])
+    results["small_set"] = small_set(study, enc, chosen["mae"]["lr"])
     finals = [r for arm in cells.values() for c in arm.values() for r in c["runs"]]
     finals += [r for e in results["probe"].values() for r in e["runs"]]
     finals += [r for m in ("recompute", "resample") for r in pos[m]["runs"]]
     results["test"] = test_scores(study, finals)  # the test scenes: read once, after every run is done
     results["times"] = study.times
     results["recipe"] = {
-        "train.blr": cells["mae"]["100%"]["lr"] * 256 / RECIPE_BATCH, "train.max_steps": steps,
+        "train.blr": chosen["mae"]["lr"] * 256 / RECIPE_BATCH, "train.max_steps": steps,
         "model.pos_embed_adapt": pos["chosen"], "learns_on_a_small_set": not any(
             v["collapsed"] for v in results["small_set"].values()),
     }  # fmt: skip

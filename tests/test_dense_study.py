@@ -83,10 +83,17 @@ def test_the_quick_study_selects_on_validation_reads_the_test_scenes_last_and_re
     assert results["quick"] and results["verdict"]["word"] in ("PASS", "FAIL", "INCONCLUSIVE")
     runs = out / "runs"
     for arm, by_budget in results["arms"].items():
+        val = {float(lr): m for lr, m in by_budget[QUICK.select_budget]["val_by_lr"].items()}
+        chosen = max(val, key=lambda lr: (val[lr], -lr))  # on validation at the selection budget, seed 0
+        assert set(val) == set(QUICK.lrs) and results["selection"][arm]["lr"] == chosen
         for budget, cell in by_budget.items():
-            val = {float(lr): m for lr, m in cell["val_by_lr"].items()}
-            assert cell["lr"] == max(val, key=lambda lr: (val[lr], -lr))  # chosen on validation, seed 0
-            assert cell["runs"] == [run_name(arm, budget, cell["lr"], s) for s in QUICK.seeds]
+            assert cell["lr"] == chosen  # the selected lr serves every budget
+            assert cell["runs"] == [run_name(arm, budget, chosen, s) for s in QUICK.seeds]
+            made = {p.name for p in runs.glob(f"{arm}_{budget.replace('%', 'pct')}_lr*")}
+            grid = (
+                {run_name(arm, budget, lr, 0) for lr in QUICK.lrs} if budget == QUICK.select_budget else set()
+            )
+            assert made == set(cell["runs"]) | grid  # no lr grid at the other budgets
             for name in cell["runs"]:
                 config = (runs / name / "config.yaml").read_text()
                 assert f"val: {QUICK.val}" in config  # trained and selected on validation, never on test
