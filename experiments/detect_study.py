@@ -286,7 +286,7 @@ def verdict(scores: dict, p: Protocol) -> tuple[str, str] | None:
         return "PASS", why
     if not control_clears:
         return "INCONCLUSIVE", why + (
-            f"; the positive control does not clear {PASS_GAIN:g}: the protocol cannot tell at this budget, "
+            f"; the positive control does not clear {PASS_GAIN:.1f}: the protocol cannot tell at this budget, "
             f"whatever the {mid} runs give"
         )
     if m >= FAIL_GAIN:
